@@ -1,0 +1,5 @@
+import sys
+
+from diffutron.cli import main
+
+sys.exit(main())

@@ -1,0 +1,282 @@
+"""The `diffutron` command: thin wrappers over the library. Results go to stdout (a table, or one JSON
+object with --json); progress and errors go to stderr. Errors are one line, exit code 2 for a bad
+request and 1 for a failure at run time; --debug shows the traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+from typer.exceptions import TyperException
+
+from diffutron.errors import DiffutronError, UsageError
+
+# The model of every command whose MODEL is optional. Random weights until a trained default ships.
+DEFAULT_MODEL = "preset:tiny"
+
+app = typer.Typer(
+    name="diffutron",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Masked diffusion language models on bidirectional encoders, made first for Turkish.",
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelArg = typer.Argument(
+    None, metavar="[MODEL]", help=f"model folder, adapter folder, hub id or preset:NAME [default: {DEFAULT_MODEL}]"
+)
+JsonOpt = typer.Option(False, "--json", help="print one JSON object")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks on errors")) -> None:
+    """Masked diffusion language models on bidirectional encoders, made first for Turkish."""
+
+
+def _print_json(obj: dict) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "?/s", style="progress.data.speed")
+
+
+@contextmanager
+def _progress(description: str):
+    """A rich progress bar on stderr with rate and ETA; yields update(done, total)."""
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _load(model: str | None, device: str | None = None):
+    from diffutron.model import DiffusionLM
+
+    name = model or DEFAULT_MODEL
+    with err.status(f"loading {name}"):
+        return DiffusionLM.from_pretrained(name, device=device)
+
+
+@app.command()
+def info(
+    model: str | None = ModelArg,
+    lora_r: int | None = typer.Option(
+        None, "--lora-r", min=1, help="count the parameters LoRA of this rank would train"
+    ),
+    lora_alpha: int | None = typer.Option(None, "--lora-alpha", min=1, help="LoRA alpha [default: the rank]"),
+    lora_targets: str = typer.Option(
+        "default",
+        "--lora-targets",
+        help="default (attention + MLP linears), all-linear, or comma-separated module names",
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Parameters, context, vocabulary and mask token; with --lora-r, what LoRA would train."""
+    from diffutron.lora import LoraSettings, apply_lora, count_parameters
+    from diffutron.model import DiffusionLM
+
+    lm = DiffusionLM.skeleton(model or DEFAULT_MODEL)
+    total, _ = count_parameters(lm.model)
+    result = {
+        "model": lm.name,
+        "model_type": lm.hf_model.config.model_type,
+        "params_total": total,
+        "context_length": lm.context_length,
+        "vocab_size": lm.vocab_size,
+        "tokenizer_size": len(lm.tokenizer),
+        "mask_token": lm.tokenizer.mask_token,
+        "mask_id": lm.mask_id,
+    }
+    if lora_r is not None:
+        targets = lora_targets if lora_targets in ("default", "all-linear") else lora_targets.split(",")
+        try:
+            wrapped = apply_lora(lm.model, LoraSettings(r=lora_r, alpha=lora_alpha or lora_r, targets=targets))
+        except ValueError as e:
+            raise UsageError(str(e).splitlines()[0]) from e
+        with_lora, trainable = count_parameters(wrapped)
+        result.update(
+            lora_r=lora_r,
+            lora_alpha=lora_alpha or lora_r,
+            lora_targets=lora_targets,
+            params_with_lora=with_lora,
+            params_trainable=trainable,
+            trainable_percent=round(100 * trainable / with_lora, 2),
+        )
+    else:
+        result.update(params_trainable=total, trainable_percent=100.0)
+    if as_json:
+        return _print_json(result)
+    table = Table(show_header=False, title=lm.name)
+    for key, value in result.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    out.print(table)
+
+
+@app.command("eval")
+def eval_(
+    model: str | None = ModelArg,
+    data: str = typer.Option(..., "--data", help=".txt (documents split by blank lines), .jsonl, or bundled:heldout"),
+    mask_ratio: float = typer.Option(0.15, "--mask-ratio", help="share of tokens masked, in (0, 1)"),
+    seed: int = typer.Option(0, "--seed"),
+    samples: int = typer.Option(1, "--samples", min=1, help="passes with fresh masks (mean and standard error)"),
+    elbo_samples: int | None = typer.Option(
+        None, "--elbo-samples", min=0, help="passes for the ELBO bound (0 skips it) [default: max(--samples, 4)]"
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    text_field: str = typer.Option("text", "--text-field", help="the text field of .jsonl records"),
+    bert_corruption: bool = typer.Option(
+        False, "--bert-corruption", help="BERT's 80/10/10: of the chosen tokens 10%% random, 10%% kept"
+    ),
+    device: str | None = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Perplexity at a mask ratio (the reference metric), the ELBO bound and fill-mask accuracy."""
+    from diffutron.data import read_documents
+    from diffutron.evaluate import evaluate
+
+    if not 0.0 < mask_ratio < 1.0:
+        raise UsageError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
+    texts = [d.text for d in read_documents(data, text_field=text_field)]
+    lm = _load(model, device)
+    with _progress(f"eval {data}") as update:
+        result = evaluate(
+            lm,
+            texts,
+            mask_ratio=mask_ratio,
+            samples=samples,
+            seed=seed,
+            batch_size=batch_size,
+            elbo_samples=elbo_samples,
+            bert_corruption=bert_corruption,
+            progress=update,
+        )
+    payload = {"model": lm.name, "data": data, **result.to_dict()}
+    if as_json:
+        return _print_json(payload)
+    table = Table(title=f"{lm.name} on {data}", show_header=False)
+    table.add_row(
+        f"PPL @ {mask_ratio:.0%} masked",
+        f"{result.ppl:.3f} ± {result.ppl_stderr:.3f}  ({samples} pass{'es' * (samples > 1)})",
+    )
+    if result.elbo_ppl is not None:
+        table.add_row("ELBO bound (upper bound on PPL)", f"{result.elbo_ppl:.3f}")
+    table.add_row("fill-mask top-1 / top-5", f"{result.top1:.2%} / {result.top5:.2%}")
+    table.add_row("tokens / windows", f"{result.tokens:,} / {result.windows:,}")
+    table.add_row("seconds", f"{result.seconds:.1f}")
+    out.print(table)
+
+
+@app.command("fill-mask")
+def fill_mask_(
+    args: list[str] = typer.Argument(..., metavar="[MODEL] TEXT", help="TEXT with one or more <mask>"),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    device: str | None = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Top-k candidates, with probabilities, for every <mask> in TEXT."""
+    from diffutron.fill_mask import fill_mask
+
+    if len(args) > 2:
+        raise UsageError("fill-mask takes [MODEL] TEXT: quote the text")
+    model, text = (None, args[0]) if len(args) == 1 else args
+    lm = _load(model, device)
+    masks = fill_mask(lm, text, top_k=top_k)
+    if as_json:
+        return _print_json({"model": lm.name, "text": text, "masks": [[c.to_dict() for c in m] for m in masks]})
+    for number, candidates in enumerate(masks, start=1):
+        table = Table(title=f"<mask> {number} of {len(masks)}")
+        for column in ("token", "prob", "text"):
+            table.add_column(column)
+        for c in candidates:
+            table.add_row(repr(c.token), f"{c.prob:.4f}", c.sequence)
+        out.print(table)
+
+
+@app.command()
+def demo(as_json: bool = JsonOpt) -> None:
+    """The main job on bundled defaults: evaluate the default model on the held-out Turkish split and fill masks."""
+    from diffutron.data import read_documents
+    from diffutron.evaluate import evaluate
+    from diffutron.fill_mask import fill_mask
+
+    lm = _load(None)
+    texts = [d.text for d in read_documents("bundled:heldout")]
+    with _progress("eval bundled:heldout") as update:
+        result = evaluate(lm, texts, mask_ratio=0.15, samples=1, progress=update)
+    sentences = ["Türkiye Cumhuriyeti'nin başkenti <mask> şehridir.", "Bugün hava çok <mask>."]
+    fills = {s: [c.token for c in fill_mask(lm, s, top_k=5)[0]] for s in sentences}
+    if as_json:
+        return _print_json({"model": lm.name, "eval": result.to_dict(), "fill_mask": fills})
+    out.print(f"[bold]{lm.name}[/] (random weights until a trained default model ships) on bundled:heldout")
+    out.print(
+        f"PPL @ 15% masked: {result.ppl:.1f}   ELBO bound: {result.elbo_ppl:.1f}   top-1: {result.top1:.2%}   "
+        f"({result.tokens:,} tokens, {result.seconds:.1f} s)"
+    )
+    for sentence, tokens in fills.items():
+        out.print(f"{sentence}  ->  {', '.join(repr(t) for t in tokens)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turn every error into one line on stderr and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    if not debug:  # library deprecation chatter is not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        code = app(args=argv or ["--help"], prog_name="diffutron", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except TyperException as e:  # bad options or arguments: a usage error
+        if debug:
+            raise
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except DiffutronError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 -- anything else is a bug or an environment problem
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""DiffusionLM: a Hugging Face masked-LM encoder and its tokenizer, seen as a masked diffusion model.
+
+The encoder runs on the whole sequence; the prediction head and the vocabulary decoder run only at
+the positions asked for. On the mmBERT-base shape the 256k-vocabulary decoder is ~60% of a full
+forward's FLOPs, and [4, 512, 256000] fp32 logits are 2 GB: never build them when a subset is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from diffutron.errors import DiffutronError
+
+PRESET_PREFIX = "preset:"
+
+# How each architecture's MLM head maps hidden states [..., H] to logits [..., V]. The heads are
+# position-wise, so applying them to a gathered subset is exact.
+HEADS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "modernbert": lambda m, h: m.decoder(m.head(h)),
+    "bert": lambda m, h: m.cls(h),
+    "roberta": lambda m, h: m.lm_head(h),
+    "xlm-roberta": lambda m, h: m.lm_head(h),
+    "camembert": lambda m, h: m.lm_head(h),
+    "distilbert": lambda m, h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
+}
+POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert"}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class DiffusionLM(nn.Module):
+    """An HF `...ForMaskedLM` (optionally wrapped by peft) plus its tokenizer."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str = ""):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(self.hf_model.config, "_name_or_path", "")
+        if tokenizer.mask_token_id is None:
+            raise DiffutronError(
+                f"the tokenizer of {self.name or 'this model'} has no mask token; "
+                "a masked diffusion LM needs one (choose a masked-LM checkpoint)"
+            )
+        self.mask_id: int = tokenizer.mask_token_id
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.mask_id
+        self.special_ids: list[int] = sorted(set(tokenizer.all_special_ids))
+        config = self.hf_model.config
+        self.vocab_size: int = config.vocab_size
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions and config.model_type in POSITION_OFFSET_TYPES:
+            # RoBERTa counts positions from padding_idx + 1: its 514 positions hold 512 tokens.
+            positions -= (config.pad_token_id or 0) + 1
+        limits = [positions, tokenizer.model_max_length]
+        self.context_length: int = min(int(n) for n in limits if n and n < 1_000_000)
+        self._head = HEADS.get(config.model_type)
+        if self._head is None:
+            warnings.warn(
+                f"diffutron has no sparse head for model type {config.model_type!r}: computing full "
+                "logits and gathering (correct, but slower and memory-hungry)",
+                stacklevel=2,
+            )
+
+    # -- loading and saving ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+    ) -> DiffusionLM:
+        """Load a model folder, a peft adapter folder, a hub id, or build `preset:NAME` (random weights)."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        if name_or_path.startswith(PRESET_PREFIX):
+            lm = cls.from_preset(name_or_path[len(PRESET_PREFIX) :], seed=seed)
+        else:
+            lm = _load_hf(cls, name_or_path, trust_remote_code)
+        return lm.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_preset(cls, preset: str, seed: int = 0, device: torch.device | str = "cpu", **overrides) -> DiffusionLM:
+        """A ModernBERT of a preset shape with random weights (seeded) and the bundled tokenizer."""
+        from transformers import AutoModelForMaskedLM
+
+        from diffutron.presets import PRESETS, preset_config
+        from diffutron.tokenizer import load_bundled_tokenizer
+
+        if preset not in PRESETS:
+            raise DiffutronError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        tokenizer = load_bundled_tokenizer()
+        config = preset_config(preset, tokenizer, **overrides)
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            model = AutoModelForMaskedLM.from_config(config)
+        return cls(model, tokenizer, name=PRESET_PREFIX + preset)
+
+    @classmethod
+    def skeleton(cls, name_or_path: str, trust_remote_code: bool = False) -> DiffusionLM:
+        """The model's structure on the meta device, without reading or initialising weights:
+        instant parameter counts (`diffutron info`) even for the 307M reference shape."""
+        from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+        if name_or_path.startswith(PRESET_PREFIX):
+            return cls.from_preset(name_or_path[len(PRESET_PREFIX) :], device="meta")
+        path = Path(name_or_path)
+        if path.is_dir() and (path / "config.json").is_file():
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForMaskedLM.from_config(config, trust_remote_code=trust_remote_code)
+            return cls(model, tokenizer, name=name_or_path)
+        return cls.from_pretrained(name_or_path, device="cpu", trust_remote_code=trust_remote_code)
+
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        """A standard HF folder (safetensors + tokenizer); a peft model saves its adapter."""
+        self.model.save_pretrained(str(path), **kwargs)
+        self.tokenizer.save_pretrained(str(path))
+
+    # -- the model ------------------------------------------------------------------------------
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model, under any peft wrapper (its LoRA layers stay in place)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states [B, L, H] of the encoder."""
+        return self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head and decoder on hidden states [..., H] -> logits [..., V]."""
+        if self._head is None:
+            raise NotImplementedError("no sparse head for this architecture")
+        return self._head(self.hf_model, hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits at `positions` (bool [B, L]) as [N, V] in row-major order, or all [B, L, V] if None."""
+        if self._head is None:
+            logits = self.full_logits(input_ids, attention_mask)
+            return logits if positions is None else logits[positions]
+        hidden = self.encode(input_ids, attention_mask)
+        return self.head(hidden if positions is None else hidden[positions])
+
+    def full_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense reference: the model's own forward, [B, L, V] logits everywhere."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    @functools.cached_property
+    def special_affixes(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a single sequence ([CLS] ... [SEP], <s> ... </s>)."""
+        probe = "a"
+        bare = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(probe)["input_ids"]
+        for start in range(len(full) - len(bare) + 1):
+            if full[start : start + len(bare)] == bare:
+                return full[:start], full[start + len(bare) :]
+        return [], []
+
+    def maskable(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions that the diffusion may mask: every token that is neither padding nor special."""
+        specials = torch.tensor(self.special_ids + [self.pad_id], device=input_ids.device)
+        return ~torch.isin(input_ids, specials)
+
+
+def _load_hf(cls, name_or_path: str, trust_remote_code: bool) -> DiffusionLM:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    # A hub id is "org/name": anything else that looks like a path is treated as one.
+    looks_local = (
+        path.exists()
+        or name_or_path.startswith((".", "/", "~"))
+        or name_or_path.endswith("/")
+        or name_or_path.count("/") > 1
+    )
+    if looks_local:
+        if not path.is_dir():
+            raise DiffutronError(f"model folder not found: {name_or_path}")
+        if (path / "adapter_config.json").is_file():
+            return _load_adapter(cls, path, trust_remote_code)
+        if not (path / "config.json").is_file():
+            raise DiffutronError(f"{name_or_path} is not a model folder: config.json is missing")
+    elif not _hub_reachable() and not _in_hub_cache(name_or_path):
+        raise DiffutronError(
+            f"could not load model {name_or_path!r}: it is not a local folder, it is not in the Hugging Face "
+            "cache, and the Hub is unreachable (offline?); pass a local folder or preset:tiny"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForMaskedLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        where = (
+            "the folder is incomplete"
+            if looks_local
+            else (
+                "it is not a local folder, and the Hugging Face Hub is unreachable or has no such model; "
+                "pass a local folder or preset:tiny"
+            )
+        )
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DiffutronError(f"could not load model {name_or_path!r}: {where} ({first_line})") from err
+    return cls(model, tokenizer, name=name_or_path)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that an offline machine fails at once instead of retrying for a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _load_adapter(cls, path: Path, trust_remote_code: bool) -> DiffusionLM:
+    """A peft adapter folder: load its base model (folder, hub id or preset), then the adapter."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise DiffutronError(f"{path}/adapter_config.json does not name its base model")
+    base = (
+        DiffusionLM.from_preset(base_name[len(PRESET_PREFIX) :])
+        if base_name.startswith(PRESET_PREFIX)
+        else _load_hf(cls, os.path.expanduser(base_name), trust_remote_code)
+    )
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else base.tokenizer
+    return cls(PeftModel.from_pretrained(base.model, str(path)), tokenizer, name=str(path))
