@@ -1,0 +1,94 @@
+"""The canvas: a batch of token rows holding the fixed tokens (prompt, given text) and the masks to fill.
+
+Generation: `[CLS] prompt [MASK] x max_new_tokens [SEP]`, rows of different prompt lengths padded on
+the right. Infill: the user's text with every `<mask>` (one token) or `<mask*N>` (N tokens) as masks.
+Each row records where its generated region starts and how long it is, so that blocks, stopping and
+decoding are tensor operations over the whole batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from diffutron.errors import UsageError
+from diffutron.fill_mask import PLACEHOLDER
+
+SPAN = re.compile(r"<mask(?:\*(\d+))?>")
+
+
+@dataclass
+class Canvas:
+    ids: torch.Tensor  # [B, L] token ids, masks where still to fill
+    attention_mask: torch.Tensor  # [B, L] 1 for real tokens, 0 for padding
+    fillable: torch.Tensor  # [B, L] bool: the positions the sampler may write (the initial masks)
+    gen_start: torch.Tensor  # [B] first position of the generated region
+    gen_length: torch.Tensor  # [B] its length (max_new_tokens for generation)
+    # Set by the sampler: where each row's text ends (relative to gen_start; -1 while open) and why
+    # (0 length, 1 EOS, 2 stop sequence).
+    end: torch.Tensor | None = None
+    reason: torch.Tensor | None = None
+
+
+def generation_canvas(lm, prompts: list[str], max_new_tokens: int, truncate_prompt: bool = False) -> Canvas:
+    prefix, suffix = lm.special_affixes
+    encoded = lm.tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
+    room = lm.context_length - len(prefix) - len(suffix) - max_new_tokens
+    if room < 0:
+        raise UsageError(
+            f"max_new_tokens {max_new_tokens} does not fit the model's context of {lm.context_length} tokens"
+        )
+    rows, starts = [], []
+    for prompt in encoded:
+        if len(prompt) > room:
+            if not truncate_prompt:
+                raise UsageError(
+                    f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                    f"context of {lm.context_length} tokens; shorten the prompt or use truncate_prompt"
+                )
+            prompt = prompt[len(prompt) - room :]  # keep the end: it is what the continuation follows
+        rows.append(prefix + prompt + [lm.mask_id] * max_new_tokens + suffix)
+        starts.append(len(prefix) + len(prompt))
+    canvas = _pad(lm, rows)
+    canvas.gen_start = torch.tensor(starts)
+    canvas.gen_length = torch.full((len(rows),), max_new_tokens)
+    position = torch.arange(canvas.ids.shape[1])
+    canvas.fillable = (position >= canvas.gen_start[:, None]) & (
+        position < (canvas.gen_start + max_new_tokens)[:, None]
+    )
+    return canvas
+
+
+def infill_canvas(lm, texts: list[str]) -> Canvas:
+    """`<mask>` is one token to fill, `<mask*N>` is N; the tokenizer's own mask token works too."""
+    rows = []
+    for text in texts:
+        if not SPAN.search(text) and lm.tokenizer.mask_token not in text:
+            raise UsageError(f"the text has no {PLACEHOLDER} to fill: {text[:60]!r}")
+        expanded = SPAN.sub(lambda m: lm.tokenizer.mask_token * int(m.group(1) or 1), text)
+        ids = lm.tokenizer(expanded, verbose=False)["input_ids"]
+        if len(ids) > lm.context_length:
+            raise UsageError(
+                f"the text is {len(ids)} tokens long, more than the model's context of {lm.context_length}"
+            )
+        rows.append(ids)
+    canvas = _pad(lm, rows)
+    canvas.fillable = canvas.ids == lm.mask_id
+    position = torch.arange(canvas.ids.shape[1]).expand_as(canvas.ids)
+    first = torch.where(canvas.fillable, position, canvas.ids.shape[1]).min(dim=1).values
+    last = torch.where(canvas.fillable, position, -1).max(dim=1).values
+    canvas.gen_start, canvas.gen_length = first, last - first + 1
+    return canvas
+
+
+def _pad(lm, rows: list[list[int]]) -> Canvas:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), lm.pad_id)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+    empty = torch.zeros(len(rows), dtype=torch.long)
+    return Canvas(ids, attention, torch.zeros_like(ids, dtype=torch.bool), empty, empty)
