@@ -10,12 +10,18 @@ from __future__ import annotations
 import torch
 
 
-@torch.no_grad()
 def llada_generate(lm, prompt: str, gen_length: int, steps: int, block_length: int) -> list[int]:
+    return llada_generate_batch(lm, [prompt], gen_length, steps, block_length)[0]
+
+
+@torch.no_grad()
+def llada_generate_batch(lm, prompts: list[str], gen_length: int, steps: int, block_length: int) -> list[list[int]]:
+    """Prompts of equal token length in one batch (LLaDA's generate has no padding)."""
     prefix, suffix = lm.special_affixes
-    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    x = torch.tensor([prefix + prompt_ids + [lm.mask_id] * gen_length + suffix], device=lm.device)
-    start = len(prefix) + len(prompt_ids)
+    prompt_ids = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len({len(p) for p in prompt_ids}) == 1, "the reference needs prompts of equal token length"
+    x = torch.tensor([prefix + p + [lm.mask_id] * gen_length + suffix for p in prompt_ids], device=lm.device)
+    start = len(prefix) + len(prompt_ids[0])
     vocab = len(lm.tokenizer)
     eos = lm.tokenizer.eos_token_id or lm.tokenizer.sep_token_id
     banned = [i for i in lm.special_ids if i != eos and i < vocab]
@@ -23,18 +29,19 @@ def llada_generate(lm, prompt: str, gen_length: int, steps: int, block_length: i
     steps_per_block = steps // num_blocks
     for block in range(num_blocks):
         block_end = start + (block + 1) * block_length
-        n = int((x[0, start + block * block_length : block_end] == lm.mask_id).sum())
+        n = block_length  # every position of the block is a mask when the block starts
         counts = [n // steps_per_block + (1 if i < n % steps_per_block else 0) for i in range(steps_per_block)]
         for i in range(steps_per_block):
-            mask_index = x[0] == lm.mask_id
-            logits = lm.full_logits(x)[0, :, :vocab].float()
-            logits[:, banned] = float("-inf")
+            mask_index = x == lm.mask_id
+            logits = lm.full_logits(x)[:, :, :vocab].float()
+            logits[:, :, banned] = float("-inf")
             x0 = logits.argmax(dim=-1)
             p = torch.softmax(logits, dim=-1)
-            x0_p = p[torch.arange(x.shape[1]), x0]
-            x0_p[block_end:] = float("-inf")
-            x0 = torch.where(mask_index, x0, x[0])
+            x0_p = p.gather(-1, x0[..., None]).squeeze(-1)
+            x0_p[:, block_end:] = float("-inf")
+            x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf"), device=x.device))
-            chosen = torch.topk(confidence, counts[i]).indices
-            x[0, chosen] = x0[chosen]
-    return x[0, start : start + gen_length].tolist()
+            for row in range(x.shape[0]):  # LLaDA's per-row top-k
+                chosen = torch.topk(confidence[row], counts[i]).indices
+                x[row, chosen] = x0[row, chosen]
+    return x[:, start : start + gen_length].tolist()

@@ -206,9 +206,7 @@ def fill_mask_(
     """Top-k candidates, with probabilities, for every <mask> in TEXT."""
     from diffutron.fill_mask import fill_mask
 
-    if len(args) > 2:
-        raise UsageError("fill-mask takes [MODEL] TEXT: quote the text")
-    model, text = (None, args[0]) if len(args) == 1 else args
+    model, text = _model_and_text(args, "fill-mask")
     lm = _load(model, device)
     masks = fill_mask(lm, text, top_k=top_k)
     if as_json:
@@ -220,6 +218,170 @@ def fill_mask_(
         for c in candidates:
             table.add_row(repr(c.token), f"{c.prob:.4f}", c.sequence)
         out.print(table)
+
+
+# Sampling options, shared by generate and infill.
+StepsOpt = typer.Option(None, "--steps", min=1, help="denoising steps [default: one token per step]")
+PolicyOpt = typer.Option("confidence", "--policy", help="confidence, margin, entropy, random, threshold, ancestral")
+TemperatureOpt = typer.Option(0.0, "--temperature", help="0 is greedy")
+TopKOpt = typer.Option(0, "--top-k", min=0, help="0 is off")
+TopPOpt = typer.Option(1.0, "--top-p", help="1 is off")
+PenaltyOpt = typer.Option(1.0, "--repetition-penalty", help="1 is off (the reference chat settings used 1.2)")
+ThresholdOpt = typer.Option(0.9, "--threshold", help="confidence tau of the threshold policy")
+CfgOpt = typer.Option(0.0, "--cfg", help="classifier-free guidance scale, 0 is off")
+SeedOpt = typer.Option(0, "--seed")
+ScheduleOpt = typer.Option("linear", "--schedule", help="how many tokens each step reveals: linear, cosine")
+LiveOpt = typer.Option(None, "--live/--no-live", help="show the denoising step by step [default: on a terminal]")
+
+
+def _model_and_text(args: list[str], what: str) -> tuple[str | None, str]:
+    if len(args) > 2:
+        raise UsageError(f"{what} takes [MODEL] TEXT: quote the text")
+    return (None, args[0]) if len(args) == 1 else (args[0], args[1])
+
+
+def _live_view(lm, canvas_row: int = 0):
+    """A callback that shows row `canvas_row` of the canvas resolving, masks as ░, on stderr."""
+    from rich.live import Live
+
+    live = Live(console=err, refresh_per_second=12, transient=False)
+
+    def render(state) -> None:
+        ids = state.ids[canvas_row].tolist()
+        pieces, run = [], []
+        for token in ids:
+            if token == lm.mask_id:
+                pieces.append(lm.tokenizer.decode(run, skip_special_tokens=True))
+                pieces.append("░")
+                run = []
+            else:
+                run.append(token)
+        pieces.append(lm.tokenizer.decode(run, skip_special_tokens=True))
+        live.update(Text(f"step {state.step}: ", style="dim") + Text("".join(pieces)))
+
+    return live, render
+
+
+def _print_generation(result, as_json: bool, extra: dict) -> None:
+    if as_json:
+        return _print_json(
+            {
+                **extra,
+                "text": result.texts[0],
+                "tokens": result.token_ids[0],
+                "forward_passes": result.forward_passes,
+                "steps": result.steps,
+                "finished_by": result.finished_by[0],
+                "seconds": result.seconds,
+                "tokens_per_s": result.tokens_per_s,
+            }
+        )
+    out.print(result.texts[0], markup=False, highlight=False)
+    err.print(
+        f"[dim]{result.new_tokens} tokens, {result.forward_passes} forward passes, "
+        f"{result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s), finished by {result.finished_by[0]}[/]"
+    )
+
+
+def _sample(model: str | None, device: str | None, live: bool | None, as_json: bool, run):
+    """Load the model, then run(lm, callback) with a live view of row 0 when wanted."""
+    lm = _load(model, device)
+    if live is None:
+        live = err.is_terminal and not as_json
+    if not live:
+        return lm, run(lm, None)
+    view, render = _live_view(lm)
+    with view:
+        return lm, run(lm, render)
+
+
+@app.command("generate")
+def generate_(
+    args: list[str] = typer.Argument(..., metavar="[MODEL] PROMPT", help='PROMPT, "" for unconditional'),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    steps: int | None = StepsOpt,
+    block_length: int | None = typer.Option(None, "--block-length", min=1, help="semi-autoregressive block size"),
+    policy: str = PolicyOpt,
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    repetition_penalty: float = PenaltyOpt,
+    threshold: float = ThresholdOpt,
+    cfg_scale: float = CfgOpt,
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable), matched on token ids"),
+    no_eos: bool = typer.Option(False, "--no-eos", help="do not stop at the end-of-sequence token"),
+    truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="left-truncate a prompt that does not fit"),
+    schedule: str = ScheduleOpt,
+    seed: int = SeedOpt,
+    live: bool | None = LiveOpt,
+    device: str | None = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Continue PROMPT by discrete diffusion: start from masks, reveal tokens step by step."""
+    from diffutron.sampling import SamplingConfig, generate
+
+    model, prompt = _model_and_text(args, "generate")
+    config = SamplingConfig(
+        steps=steps,
+        block_length=block_length,
+        policy=policy,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        threshold=threshold,
+        cfg_scale=cfg_scale,
+        stop=tuple(stop),
+        stop_at_eos=not no_eos,
+        schedule=schedule,
+        seed=seed,
+        truncate_prompt=truncate_prompt,
+    )
+    config.validate()
+    lm, result = _sample(
+        model,
+        device,
+        live,
+        as_json,
+        lambda lm, callback: generate(lm, [prompt], max_new_tokens, config, callback=callback),
+    )
+    _print_generation(result, as_json, {"model": lm.name, "prompt": prompt})
+
+
+@app.command("infill")
+def infill_(
+    args: list[str] = typer.Argument(..., metavar="[MODEL] TEXT", help="TEXT with <mask> (one token) or <mask*N>"),
+    steps: int | None = StepsOpt,
+    policy: str = PolicyOpt,
+    temperature: float = TemperatureOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    repetition_penalty: float = PenaltyOpt,
+    threshold: float = ThresholdOpt,
+    seed: int = SeedOpt,
+    live: bool | None = LiveOpt,
+    device: str | None = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fill every <mask> of TEXT jointly, keeping every given token."""
+    from diffutron.sampling import SamplingConfig, infill
+
+    model, text = _model_and_text(args, "infill")
+    config = SamplingConfig(
+        steps=steps,
+        policy=policy,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        threshold=threshold,
+        seed=seed,
+    )
+    config.validate()
+    lm, result = _sample(
+        model, device, live, as_json, lambda lm, callback: infill(lm, [text], config, callback=callback)
+    )
+    _print_generation(result, as_json, {"model": lm.name, "input": text})
 
 
 @app.command()

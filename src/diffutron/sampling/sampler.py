@@ -57,7 +57,10 @@ class SamplingConfig:
             raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repetition_penalty <= 0 or not 0 < self.threshold <= 1:
             raise UsageError("top-k must be >= 0, repetition penalty > 0 and threshold in (0, 1]")
-        get_schedule(self.schedule)
+        try:
+            get_schedule(self.schedule)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 @dataclass
