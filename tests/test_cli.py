@@ -177,3 +177,47 @@ def test_sampling_bad_input(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0]
+
+
+def test_data_prepare_bundled_offline_then_stats(capsys, tmp_path):
+    out_dir = str(tmp_path / "prepared")
+    code, out, _ = run(
+        capsys, "data", "prepare", "--source", "bundled", "--max-length", "512", "--out", out_dir, "--json"
+    )
+    stats = last_json(out)
+    assert code == 0 and stats["sequences"] > 1000 and stats["max_length"] == 512
+    code, out, _ = run(capsys, "data", "stats", out_dir, "--json")
+    assert code == 0 and last_json(out)["tokens"] == stats["tokens"]
+    code, out, _ = run(capsys, "data", "stats", out_dir)
+    assert code == 0 and "bundled" in out and "sequences" in out
+
+
+def test_data_prepare_recipe_and_bad_input(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sources:\n  - spec: bundled\npack:\n  max_length: 128\n  colour: red\n")
+    code, _, err = run(capsys, "data", "prepare", str(recipe), "--out", str(tmp_path / "o"))
+    assert code == 2 and "unknown key colour" in err and "valid keys: max_length" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("nope\n")
+    code, _, err = run(capsys, "data", "prepare", "--source", str(bad), "--out", str(tmp_path / "o2"))
+    assert code == 1 and "yields no document (bad_json: 1)" in err
+    code, _, err = run(capsys, "data", "prepare", "--source", "bundled:heldout", "--out", str(tmp_path / "o3"))
+    assert code == 2 and "held-out" in err
+
+
+def test_tokenizer_train_command(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(["Ankara Türkiye'nin başkentidir.", "İzmir güzel bir şehirdir."] * 50))
+    code, out, _ = run(
+        capsys,
+        "tokenizer",
+        "train",
+        "--source",
+        str(text),
+        "--vocab-size",
+        "400",
+        "--out",
+        str(tmp_path / "tok"),
+        "--json",
+    )
+    assert code == 0 and last_json(out)["mask_token"] == "[MASK]" and (tmp_path / "tok" / "tokenizer.json").is_file()

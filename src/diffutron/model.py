@@ -175,13 +175,9 @@ class DiffusionLM(nn.Module):
     @functools.cached_property
     def special_affixes(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts before and after a single sequence ([CLS] ... [SEP], <s> ... </s>)."""
-        probe = "a"
-        bare = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-        full = self.tokenizer(probe)["input_ids"]
-        for start in range(len(full) - len(bare) + 1):
-            if full[start : start + len(bare)] == bare:
-                return full[:start], full[start + len(bare) :]
-        return [], []
+        from diffutron.tokenizer import special_affixes
+
+        return special_affixes(self.tokenizer)
 
     def maskable(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Positions that the diffusion may mask: every token that is neither padding nor special."""
