@@ -5,6 +5,7 @@ request and 1 for a failure at run time; --debug shows the traceback."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -235,6 +236,18 @@ ScheduleOpt = typer.Option("linear", "--schedule", help="how many tokens each st
 LiveOpt = typer.Option(None, "--live/--no-live", help="show the denoising step by step [default: on a terminal]")
 
 
+def _sampling_config(options: dict, **explicit):
+    """A validated SamplingConfig from a command's options of the same names (plus explicit values)."""
+    import dataclasses
+
+    from diffutron.sampling import SamplingConfig
+
+    names = {f.name for f in dataclasses.fields(SamplingConfig)}
+    config = SamplingConfig(**{**{k: v for k, v in options.items() if k in names}, **explicit})
+    config.validate()
+    return config
+
+
 def _model_and_text(args: list[str], what: str) -> tuple[str | None, str]:
     if len(args) > 2:
         raise UsageError(f"{what} takes [MODEL] TEXT: quote the text")
@@ -319,26 +332,10 @@ def generate_(
     as_json: bool = JsonOpt,
 ) -> None:
     """Continue PROMPT by discrete diffusion: start from masks, reveal tokens step by step."""
-    from diffutron.sampling import SamplingConfig, generate
+    from diffutron.sampling import generate
 
     model, prompt = _model_and_text(args, "generate")
-    config = SamplingConfig(
-        steps=steps,
-        block_length=block_length,
-        policy=policy,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        threshold=threshold,
-        cfg_scale=cfg_scale,
-        stop=tuple(stop),
-        stop_at_eos=not no_eos,
-        schedule=schedule,
-        seed=seed,
-        truncate_prompt=truncate_prompt,
-    )
-    config.validate()
+    config = _sampling_config(locals(), stop=tuple(stop), stop_at_eos=not no_eos)
     lm, result = _sample(
         model,
         device,
@@ -365,20 +362,10 @@ def infill_(
     as_json: bool = JsonOpt,
 ) -> None:
     """Fill every <mask> of TEXT jointly, keeping every given token."""
-    from diffutron.sampling import SamplingConfig, infill
+    from diffutron.sampling import infill
 
     model, text = _model_and_text(args, "infill")
-    config = SamplingConfig(
-        steps=steps,
-        policy=policy,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        threshold=threshold,
-        seed=seed,
-    )
-    config.validate()
+    config = _sampling_config(locals())
     lm, result = _sample(
         model, device, live, as_json, lambda lm, callback: infill(lm, [text], config, callback=callback)
     )
@@ -496,6 +483,105 @@ def tokenizer_train(
     if as_json:
         return _print_json(result)
     out.print(f"wrote {out}: {len(tok):,} tokens learned from {counts['documents']:,} documents")
+
+
+@app.command("train")
+def train_(
+    recipe_path: str = typer.Argument(..., metavar="RECIPE.yaml", help="a training recipe (configs/)"),
+    model: str | None = typer.Option(None, "--model", help="override model.name"),
+    dataset: str | None = typer.Option(None, "--dataset", help="override data.dataset"),
+    out_dir: str | None = typer.Option(None, "--out", help="override train.out (the run folder)"),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    lr: float | None = typer.Option(None, "--lr"),
+    save_every: int | None = typer.Option(None, "--save-every", min=1),
+    eval_every: int | None = typer.Option(None, "--eval-every", min=0),
+    seed: int | None = typer.Option(None, "--seed"),
+    settings: list[str] = typer.Option([], "--set", help="any recipe value, e.g. --set lora.r=8 (repeatable)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="build everything, describe it, do not train"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train: CPT (MDLM), MLM or SFT, LoRA or full; rerun the same command to resume."""
+    import yaml
+
+    from diffutron.config import load_config, override
+    from diffutron.train import TrainRecipe, train
+
+    recipe = load_config(TrainRecipe, recipe_path)
+    changes = {
+        "model.name": model,
+        "data.dataset": dataset,
+        "train.out": out_dir,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "optim.lr": lr,
+        "train.save_every": save_every,
+        "train.eval_every": eval_every,
+        "train.seed": seed,
+    }
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise UsageError(f"--set takes KEY=VALUE, got {setting!r}")
+        changes[key] = yaml.safe_load(value)
+    try:
+        recipe = override(recipe, changes)
+    except KeyError as e:
+        raise UsageError(f"--set: unknown recipe key {e.args[0]!r}") from None
+    bar = Progress(
+        TextColumn("step"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+    def update(record: dict) -> None:
+        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        bar.update(task, completed=record["step"], total=record["max_steps"], info=info)
+
+    with bar:
+        task = bar.add_task("train", total=recipe.train.max_steps, info="starting")
+        summary = train(recipe, progress=update, dry_run=dry_run)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, one process reports
+        return
+    if as_json:
+        return _print_json(summary)
+    if dry_run:
+        for key, value in summary.items():
+            out.print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+        return
+    if summary.get("interrupted"):
+        err.print(
+            f"interrupted at step {summary['step']}: saved {summary['checkpoint']}; rerun the same command to resume"
+        )
+        raise typer.Exit(130)
+    out.print(
+        f"trained {summary['step']} steps in {summary['seconds']:.0f} s, final loss {summary['final_loss']:.4f}; "
+        f"model in {summary['final']}, curves in {Path(summary['out']) / 'curves.png'}"
+    )
+
+
+@app.command("export")
+def export_(
+    source: str = typer.Argument(
+        ..., metavar="RUN_OR_CHECKPOINT", help="a run folder (its final model) or a checkpoint"
+    ),
+    out_dir: str = typer.Option(..., "--out", help="the folder to write"),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="merge the adapter into the base: a standalone model"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write a standard Hugging Face folder (or a peft adapter folder) from a run or checkpoint."""
+    from diffutron.export import export
+
+    result = export(source, out_dir, merge_lora=merge_lora)
+    if as_json:
+        return _print_json(result)
+    out.print(f"wrote {result['kind']} to {out_dir}")
 
 
 @app.command()

@@ -17,22 +17,30 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.activations import gelu
 
 from diffutron.errors import DiffutronError
+from diffutron.linear_ce import linear_cross_entropy
 
 PRESET_PREFIX = "preset:"
 
-# How each architecture's MLM head maps hidden states [..., H] to logits [..., V]. The heads are
-# position-wise, so applying them to a gathered subset is exact.
-HEADS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
-    "modernbert": lambda m, h: m.decoder(m.head(h)),
-    "bert": lambda m, h: m.cls(h),
-    "roberta": lambda m, h: m.lm_head(h),
-    "xlm-roberta": lambda m, h: m.lm_head(h),
-    "camembert": lambda m, h: m.lm_head(h),
-    "distilbert": lambda m, h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
+# How each architecture's MLM head maps hidden states [..., H] to logits [..., V]: a position-wise
+# transform (dense, activation, norm) then the vocabulary decoder (a Linear). Position-wise, so
+# applying them to a gathered subset is exact.
+HEADS: dict[str, tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], Callable[[nn.Module], nn.Linear]]] = {
+    "modernbert": (lambda m, h: m.head(h), lambda m: m.decoder),
+    "bert": (lambda m, h: m.cls.predictions.transform(h), lambda m: m.cls.predictions.decoder),
+    "distilbert": (
+        lambda m, h: m.vocab_layer_norm(m.activation(m.vocab_transform(h))),
+        lambda m: m.vocab_projector,
+    ),
 }
+for _roberta_like in ("roberta", "xlm-roberta", "camembert"):
+    HEADS[_roberta_like] = (lambda m, h: m.lm_head.layer_norm(gelu(m.lm_head.dense(h))), lambda m: m.lm_head.decoder)
+
+
 POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert"}
 
 
@@ -153,20 +161,33 @@ class DiffusionLM(nn.Module):
         """The MLM head and decoder on hidden states [..., H] -> logits [..., V]."""
         if self._head is None:
             raise NotImplementedError("no sparse head for this architecture")
-        return self._head(self.hf_model, hidden)
+        transform, decoder = self._head
+        return decoder(self.hf_model)(transform(self.hf_model, hidden))
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        ce_chunk: int = 256,
     ) -> torch.Tensor:
-        """Logits at `positions` (bool [B, L]) as [N, V] in row-major order, or all [B, L, V] if None."""
+        """Logits at `positions` (bool [B, L]) as [N, V] in row-major order, or all [B, L, V] if None.
+
+        With `targets` ([N] token ids at the positions), the cross-entropy [N] instead, computed
+        `ce_chunk` positions at a time so that [N, V] logits never exist at once (linear_ce.py).
+        """
         if self._head is None:
             logits = self.full_logits(input_ids, attention_mask)
-            return logits if positions is None else logits[positions]
+            logits = logits if positions is None else logits[positions]
+            return logits if targets is None else F.cross_entropy(logits.float(), targets, reduction="none")
         hidden = self.encode(input_ids, attention_mask)
-        return self.head(hidden if positions is None else hidden[positions])
+        hidden = hidden if positions is None else hidden[positions]
+        if targets is None:
+            return self.head(hidden)
+        transform, decoder = self._head
+        layer = decoder(self.hf_model)
+        return linear_cross_entropy(transform(self.hf_model, hidden), layer.weight, layer.bias, targets, ce_chunk)
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The dense reference: the model's own forward, [B, L, V] logits everywhere."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from diffutron.schedules import Schedule, get_schedule, sample_times
 
@@ -70,23 +69,6 @@ def normalize(
     raise ValueError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
 
 
-def masked_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    masked: torch.Tensor,
-    weights: torch.Tensor,
-    maskable: torch.Tensor,
-    normalization: str,
-) -> torch.Tensor:
-    """The loss from logits at the masked positions only ([N, V], row-major order of `masked`).
-
-    weights [B] is the per-sequence weight of a masked token's cross-entropy.
-    """
-    rows = masked.nonzero(as_tuple=True)[0]
-    ce = F.cross_entropy(logits.float(), targets[masked], reduction="none")
-    return normalize(ce * weights.to(ce.device)[rows], rows, maskable, normalization)
-
-
 def mdlm_loss(
     lm,
     input_ids: torch.Tensor,
@@ -100,11 +82,14 @@ def mdlm_loss(
     antithetic: bool = True,
     t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    forward=None,
+    ce_chunk: int = 256,
 ) -> LossOutput:
     """The MDLM loss of a DiffusionLM on a batch of clean sequences.
 
-    `maskable` defaults to every non-special, non-padding token; SFT passes `sft_maskable(...)`
-    so that prompt tokens are never masked and never in the loss.
+    `maskable` defaults to every non-special, non-padding token; SFT passes its response positions
+    so that prompt tokens are never masked and never in the loss. `forward` is the module to call
+    (the DiffusionLM itself, or its distributed wrapper in training).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
@@ -114,8 +99,9 @@ def mdlm_loss(
         t = sample_times(input_ids.shape[0], eps=eps, antithetic=antithetic, generator=generator)
     noisy, masked = corrupt(input_ids, maskable, schedule.mask_prob(t), lm.mask_id, generator)
     weights = schedule.elbo_weight(t) if weighting == "elbo" else torch.ones_like(t)
-    logits = lm(noisy, attention_mask, positions=masked)
-    loss = masked_cross_entropy(logits, input_ids, masked, weights, maskable, normalization)
+    ce = (forward or lm)(noisy, attention_mask, positions=masked, targets=input_ids[masked], ce_chunk=ce_chunk)
+    rows = masked.nonzero(as_tuple=True)[0]
+    loss = normalize(ce * weights.to(ce.device)[rows], rows, maskable, normalization)
     return LossOutput(loss=loss, t=t, masked=masked, num_masked=int(masked.sum()))
 
 

@@ -1,0 +1,313 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffutron.config import override
+from diffutron.errors import DiffutronError
+from diffutron.model import DiffusionLM
+from diffutron.train import TrainRecipe, compute_loss, train
+
+CLI = [sys.executable, "-m", "diffutron"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from diffutron.data.pack import PackConfig
+    from diffutron.data.prepare import DataRecipe, prepare
+
+    folder = tmp_path_factory.mktemp("data") / "bundled-128"
+    prepare(DataRecipe(pack=PackConfig(max_length=128), max_documents=600), folder)
+    return str(folder)
+
+
+def _recipe(dataset, out, **changes):
+    base = {
+        "data.dataset": dataset,
+        "data.eval": None,
+        "train.out": str(out),
+        "train.max_steps": 6,
+        "train.batch_size": 4,
+        "train.log_every": 1,
+        "train.save_every": 3,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "optim.lr": 1e-3,
+        "train.plot": False,
+    }
+    return override(TrainRecipe(), {**base, **changes})
+
+
+def _losses(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+
+
+def test_dry_run_of_the_reference_recipe():
+    done = subprocess.run(
+        CLI + ["train", "configs/diffutron-0.3b-cpt.yaml", "--model", "preset:mmbert-base", "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["trainable_percent"] == 14.94 and summary["max_length"] == 512
+    assert summary["params_trainable"] == 54_067_200 and summary["tokens_per_step"] == 512 * 16
+
+
+def test_loss_decreases(dataset, tmp_path):
+    recipe = _recipe(
+        dataset,
+        tmp_path / "run",
+        **{
+            "lora.enabled": False,
+            "train.max_steps": 30,
+            "train.batch_size": 8,
+            "train.log_every": 5,
+            "data.eval": "bundled:heldout",
+            "data.eval_documents": 8,
+            "train.plot": True,
+        },
+    )
+    summary = train(recipe)
+    losses = _losses(tmp_path / "run")
+    assert summary["step"] == 30 and losses[-1] < losses[0] - 0.5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= records[0].keys()
+    assert any("eval_ppl" in r and "eval_elbo_ppl" in r for r in records)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(dataset, tmp_path_factory):
+    """The same 6-step LoRA run three ways: uninterrupted; killed (SIGKILL) after checkpoint-3; resumed."""
+    root = tmp_path_factory.mktemp("resume")
+    args = [
+        "train",
+        "configs/tiny-cpt.yaml",
+        "--dataset",
+        dataset,
+        "--max-steps",
+        "6",
+        "--save-every",
+        "3",
+        "--set",
+        "data.eval=null",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.plot=false",
+    ]
+    subprocess.run(CLI + args + ["--out", str(root / "straight")], check=True, capture_output=True)
+    env = {**os.environ, "DIFFUTRON_TEST_KILL_AFTER_SAVE": "3"}
+    killed = subprocess.run(CLI + args + ["--out", str(root / "killed")], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (root / "killed" / "final").exists() and (root / "killed" / "checkpoint-3").is_dir()
+    resumed = subprocess.run(
+        CLI + args + ["--out", str(root / "killed"), "--json"], capture_output=True, text=True, check=True
+    )
+    return root, json.loads(resumed.stdout.strip().splitlines()[-1])
+
+
+def test_sigkill_and_resume_equals_uninterrupted(killed_and_resumed):
+    from safetensors.torch import load_file
+
+    root, summary = killed_and_resumed
+    assert summary["resumed_from"] == "checkpoint-3"
+    assert _losses(root / "killed")[-1] == pytest.approx(_losses(root / "straight")[-1], rel=1e-6)
+    a = load_file(root / "straight" / "final" / "adapter_model.safetensors")
+    b = load_file(root / "killed" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert sorted(p.name for p in (root / "killed").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_export_and_reload_give_identical_logits(killed_and_resumed, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    root, _ = killed_and_resumed
+    subprocess.run(
+        CLI + ["export", str(root / "straight"), "--out", str(tmp_path / "merged"), "--merge-lora"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        CLI + ["export", str(root / "straight"), "--out", str(tmp_path / "adapter")], check=True, capture_output=True
+    )
+    adapter = DiffusionLM.from_pretrained(str(tmp_path / "adapter"), device="cpu")
+    merged = DiffusionLM.from_pretrained(str(tmp_path / "merged"), device="cpu")
+    plain = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "merged")).eval()
+    ids = adapter.tokenizer(["Ankara Türkiye'nin [MASK] başkentidir."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        reference = adapter.full_logits(ids)
+        torch.testing.assert_close(merged.full_logits(ids), reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(input_ids=ids).logits, reference, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    done = subprocess.run(
+        CLI + ["fill-mask", str(tmp_path / "adapter"), "Ankara <mask>.", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout)["masks"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_hold_equal_weights(dataset, tmp_path):
+    """`accelerate launch` with two processes on the CPU (torchrun + gloo; `--cpu` alone would run one
+    process unless mpirun is installed)."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "diffutron",
+        "train",
+        "configs/tiny-cpt.yaml",
+        "--dataset",
+        dataset,
+        "--max-steps",
+        "6",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--set",
+        "data.eval=null",
+        "--set",
+        "train.plot=false",
+        "--json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["processes"] == 2 and summary["replicas_in_sync"] and summary["step"] == 6
+
+
+def test_sft_never_masks_the_prompt(tokenizer):
+    from diffutron.data.sft import load_sft
+
+    lm = DiffusionLM.from_preset("tiny")
+    data = load_sft("bundled:instructions", lm.tokenizer, 64)
+    recipe = override(TrainRecipe(), {"objective.kind": "sft", "data.sft": "bundled:instructions"})
+    batch = {k: v[:8] for k, v in data.items()}
+    sep = lm.tokenizer.sep_token_id
+    assert (batch["input_ids"][:, -1] == sep).all()  # responses padded with end-of-sequence tokens
+    for seed in range(10):
+        with torch.no_grad():
+            out = compute_loss(lm, lm, batch, recipe, torch.Generator().manual_seed(seed))
+        assert not out.masked[batch["prompt_mask"]].any()
+        assert out.masked[~batch["prompt_mask"]].any()
+    assert (batch["input_ids"][~batch["prompt_mask"]] == sep).any()
+
+
+def test_sft_recipe_runs(tmp_path):
+    done = subprocess.run(
+        CLI
+        + [
+            "train",
+            "configs/tiny-sft.yaml",
+            "--out",
+            str(tmp_path / "sft"),
+            "--max-steps",
+            "4",
+            "--set",
+            "train.plot=false",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 4
+
+
+def test_non_finite_losses_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
+    import diffutron.train as train_module
+
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        output = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(train_module, "compute_loss", sometimes_nan)
+    summary = train(_recipe(dataset, tmp_path / "a", **{"train.max_steps": 6, "train.save_every": 100}))
+    assert summary["bad_steps"] == 3 and summary["step"] == 6
+    with pytest.raises(DiffutronError, match="non-finite losses"):
+        train(_recipe(dataset, tmp_path / "b", **{"train.max_bad_steps": 1, "train.save_every": 100}))
+
+
+def test_ctrl_c_saves_and_exits(dataset, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        CLI
+        + [
+            "train",
+            "configs/tiny-cpt.yaml",
+            "--dataset",
+            dataset,
+            "--out",
+            str(out),
+            "--max-steps",
+            "2000",
+            "--set",
+            "data.eval=null",
+            "--set",
+            "train.log_every=1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and b"rerun the same command to resume" in err
+    assert list(out.glob("checkpoint-*"))
+
+
+def test_chunked_cross_entropy_equals_dense_with_gradients(tiny_lm):
+    ids = tiny_lm.tokenizer(["Bugün hava çok güzel, parka gidelim mi?"] * 2, return_tensors="pt")["input_ids"]
+    positions = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.6
+    positions &= tiny_lm.maskable(ids)
+    grads = []
+    for chunk in (3, 10_000):
+        tiny_lm.zero_grad()
+        ce = tiny_lm(ids, positions=positions, targets=ids[positions], ce_chunk=chunk)
+        ce.sum().backward()
+        grads.append((ce.detach(), tiny_lm.hf_model.head.dense.weight.grad.clone()))
+    dense = torch.nn.functional.cross_entropy(tiny_lm.full_logits(ids)[positions], ids[positions], reduction="none")
+    torch.testing.assert_close(grads[0][0], dense.detach(), atol=1e-5, rtol=1e-5)
+    # the same gradient up to float summation order (chunks add up their parts separately)
+    assert (grads[0][1] - grads[1][1]).norm() / grads[1][1].norm() < 1e-5
+    tiny_lm.zero_grad(set_to_none=True)
+
+
+def test_unknown_recipe_keys_are_listed(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_stepz: 3\n")
+    done = subprocess.run(CLI + ["train", str(recipe)], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown key max_stepz" in done.stderr and "max_steps" in done.stderr
