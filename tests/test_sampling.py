@@ -41,6 +41,8 @@ def test_every_policy_reveals_every_mask(lm, policy):
     assert all(lm.mask_id not in ids for ids in result.token_ids)
     limit = 12 if policy == "threshold" else 6
     assert result.steps <= limit and len(result.history) == result.steps
+    masks_left = [int((h == lm.mask_id).sum()) for h in result.history]  # each step a snapshot of its own
+    assert masks_left == sorted(masks_left, reverse=True) and masks_left[-1] == 0 and masks_left[0] > 0
 
 
 def test_seeded_sampling_is_deterministic(lm):

@@ -29,8 +29,8 @@ from typer.exceptions import TyperException
 
 from diffutron.errors import DiffutronError, UsageError
 
-# The model of every command whose MODEL is optional. Random weights until a trained default ships.
-DEFAULT_MODEL = "preset:tiny"
+# The model of every command whose MODEL is optional: the tiny Diffutron shipped in the package.
+DEFAULT_MODEL = "tiny-diffutron (shipped)"
 
 app = typer.Typer(
     name="diffutron",
@@ -81,10 +81,16 @@ def _progress(description: str):
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def _default_model() -> str:
+    from diffutron.assets import shipped_model
+
+    return str(shipped_model("tiny-diffutron"))
+
+
 def _load(model: str | None, device: str | None = None):
     from diffutron.model import DiffusionLM
 
-    name = model or DEFAULT_MODEL
+    name = model or _default_model()
     with err.status(f"loading {name}"):
         return DiffusionLM.from_pretrained(name, device=device)
 
@@ -107,7 +113,7 @@ def info(
     from diffutron.lora import LoraSettings, apply_lora, count_parameters
     from diffutron.model import DiffusionLM
 
-    lm = DiffusionLM.skeleton(model or DEFAULT_MODEL)
+    lm = DiffusionLM.skeleton(model or _default_model())
     total, _ = count_parameters(lm.model)
     result = {
         "model": lm.name,
@@ -585,35 +591,79 @@ def export_(
 
 
 @app.command()
-def demo(as_json: bool = JsonOpt) -> None:
-    """The main job on bundled defaults: evaluate the default model on the held-out Turkish split and fill masks."""
-    from diffutron.data import read_documents
-    from diffutron.evaluate import evaluate
-    from diffutron.fill_mask import fill_mask
+def demo(
+    out_dir: str = typer.Option("runs/demo", "--out", help="the run folder"),
+    steps: int = typer.Option(150, "--steps", min=1, help="CPT steps"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """The reference experiment in miniature: CPT with LoRA of the shipped tiny base, PPL before and
+    after, generation and infilling; offline, a few minutes on a CPU."""
+    from diffutron.demo import run_demo
 
-    lm = _load(None)
-    texts = [d.text for d in read_documents("bundled:heldout")]
-    with _progress("eval bundled:heldout") as update:
-        result = evaluate(lm, texts, mask_ratio=0.15, samples=1, progress=update)
-    sentences = ["Türkiye Cumhuriyeti'nin başkenti <mask> şehridir.", "Bugün hava çok <mask>."]
-    fills = {s: [c.token for c in fill_mask(lm, s, top_k=5)[0]] for s in sentences}
-    if as_json:
-        return _print_json({"model": lm.name, "eval": result.to_dict(), "fill_mask": fills})
-    out.print(f"[bold]{lm.name}[/] (random weights until a trained default model ships) on bundled:heldout")
-    out.print(
-        f"PPL @ 15% masked: {result.ppl:.1f}   ELBO bound: {result.elbo_ppl:.1f}   top-1: {result.top1:.2%}   "
-        f"({result.tokens:,} tokens, {result.seconds:.1f} s)"
+    bar = Progress(
+        TextColumn("CPT"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
     )
-    for sentence, tokens in fills.items():
-        out.print(f"{sentence}  ->  {', '.join(repr(t) for t in tokens)}")
+
+    def update(record: dict) -> None:
+        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
+        bar.update(task, completed=record["step"], total=record["max_steps"], info=info)
+
+    with bar:
+        task = bar.add_task("cpt", total=steps, info="starting")
+        result = run_demo(out_dir, max_steps=steps, progress=update, status=lambda m: bar.console.log(m))
+    if as_json:
+        return _print_json(
+            {k: result[k] for k in ("ppl_before", "ppl_after", "samples", "run_dir")}
+            | {
+                "infill": result["infill"],
+                "elbo_ppl_before": result["elbo_ppl_before"],
+                "elbo_ppl_after": result["elbo_ppl_after"],
+            }
+        )
+    table = Table(title="held-out PPL @ 15% masked (bundled heldout split)")
+    for column in ("model", "PPL", "ELBO bound", "top-1"):
+        table.add_column(column)
+    table.add_row(
+        "tiny base (MLM)",
+        f"{result['ppl_before']:.2f}",
+        f"{result['elbo_ppl_before']:.2f}",
+        f"{result['top1_before']:.1%}",
+    )
+    table.add_row(
+        f"after {result['steps']} CPT steps",
+        f"{result['ppl_after']:.2f}",
+        f"{result['elbo_ppl_after']:.2f}",
+        f"{result['top1_after']:.1%}",
+    )
+    out.print(table)
+    for sample in result["samples"]:
+        out.print(f"[bold]{sample['prompt']}[/] {sample['text']}", highlight=False)
+    out.print(f"[bold]infill[/] {result['infill']['input']} -> {result['infill']['text']}", highlight=False)
+    out.print("[dim]denoising, step by step:[/]")
+    for line in result["denoising"]:
+        out.print(f"  {line}", highlight=False, markup=False)
+    out.print(f"run folder: {result['run_dir']} (report.md, metrics.jsonl, curves.png, checkpoint)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn every error into one line on stderr and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    if not debug:  # library deprecation chatter is not the user's business
+    if not debug:  # library chatter (deprecations, their own progress bars) is not the user's business
         warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         code = app(args=argv or ["--help"], prog_name="diffutron", standalone_mode=False)
         return code if isinstance(code, int) else 0

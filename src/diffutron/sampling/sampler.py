@@ -69,7 +69,7 @@ class StepState:
 
     step: int
     block: int
-    ids: torch.Tensor  # [B, L] on the model's device: copy it (.cpu()) to keep it
+    ids: torch.Tensor  # [B, L] on the model's device, updated in place by the next step: clone it to keep it
     revealed: torch.Tensor  # [B, L] bool, revealed at this step
     active: torch.Tensor  # [B] bool, rows still being generated
 
@@ -246,7 +246,7 @@ def _run(
     for state in denoise(lm, canvas, config, stop_checks=stop_checks):
         steps = state.step
         if config.history:
-            history.append(state.ids.cpu())
+            history.append(state.ids.to("cpu", copy=True))
         if callback:
             callback(state)
     return history, steps, time.perf_counter() - started
