@@ -30,7 +30,7 @@ from typer.exceptions import TyperException
 from diffutron.errors import DiffutronError, UsageError
 
 # The model of every command whose MODEL is optional: the tiny Diffutron shipped in the package.
-DEFAULT_MODEL = "tiny-diffutron (shipped)"
+DEFAULT_MODEL = "tiny-diffutron"
 
 app = typer.Typer(
     name="diffutron",
@@ -43,7 +43,9 @@ out = Console()
 err = Console(stderr=True)
 
 ModelArg = typer.Argument(
-    None, metavar="[MODEL]", help=f"model folder, adapter folder, hub id or preset:NAME [default: {DEFAULT_MODEL}]"
+    None,
+    metavar="[MODEL]",
+    help=f"model folder, adapter folder, hub id or preset:NAME [default: the shipped {DEFAULT_MODEL}]",
 )
 JsonOpt = typer.Option(False, "--json", help="print one JSON object")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")
@@ -84,7 +86,7 @@ def _progress(description: str):
 def _default_model() -> str:
     from diffutron.assets import shipped_model
 
-    return str(shipped_model("tiny-diffutron"))
+    return str(shipped_model(DEFAULT_MODEL))
 
 
 def _load(model: str | None, device: str | None = None):
@@ -408,10 +410,13 @@ def data_prepare(
     if text_field:
         for spec in recipe.sources:
             spec.text_field = text_field
-    recipe = override(
-        recipe,
-        {"tokenizer": tokenizer, "pack.max_length": max_length, "num_proc": num_proc, "max_documents": max_documents},
-    )
+    options = {
+        "tokenizer": tokenizer,
+        "pack.max_length": max_length,
+        "num_proc": num_proc,
+        "max_documents": max_documents,
+    }
+    recipe = override(recipe, {k: v for k, v in options.items() if v is not None})
     with Progress(
         TextColumn("preparing"),
         TextColumn("{task.fields[documents]:,} documents"),
@@ -525,6 +530,7 @@ def train_(
         "train.eval_every": eval_every,
         "train.seed": seed,
     }
+    changes = {key: value for key, value in changes.items() if value is not None}  # options not given
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep:

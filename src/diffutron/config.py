@@ -74,11 +74,9 @@ def to_dict(config) -> dict[str, Any]:
 
 
 def override(config: T, changes: dict[str, Any]) -> T:
-    """A copy of `config` with dotted keys ("pack.max_length") replaced; None values are ignored."""
+    """A copy of `config` with dotted keys ("pack.max_length") replaced (None sets a field to None)."""
     data = to_dict(config)
     for dotted, value in changes.items():
-        if value is None:
-            continue
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:

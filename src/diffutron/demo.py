@@ -27,7 +27,9 @@ def demo_recipe(out: Path, max_steps: int):
         {
             "model.name": str(shipped_model("tiny-base")),
             "data.dataset": str(out / "data"),
-            "data.eval": None,
+            "data.eval": "bundled:heldout",
+            "data.eval_documents": 32,
+            "train.eval_every": max(1, max_steps // 3),
             "objective.kind": "mdlm",
             "lora.r": 32,
             "lora.alpha": 64,

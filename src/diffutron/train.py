@@ -291,7 +291,6 @@ def train(recipe: TrainRecipe, progress: Callable[[dict], None] | None = None, d
     set_seed(recipe.train.seed)
     lm = build_model(recipe, skeleton=dry_run)
     total, trainable = count_parameters(lm.model)
-    tokens_per_step = None
     summary = {
         "model": recipe.model.name,
         "objective": recipe.objective.kind,
@@ -307,7 +306,7 @@ def train(recipe: TrainRecipe, progress: Callable[[dict], None] | None = None, d
         "out": str(out),
     }
     prepared = recipe.data.dataset and (Path(recipe.data.dataset) / "state.json").is_file()
-    if dry_run and recipe.objective.kind != "sft" and not prepared:
+    if dry_run and recipe.objective.kind != "sft" and not prepared and recipe.data.recipe:
         # a dry run never prepares data: the recipe's max length says what the sequences will be
         from diffutron.config import load_config
         from diffutron.data.prepare import DataRecipe
