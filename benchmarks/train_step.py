@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median_seconds, peak_rss_mb, reset_peak_rss, rss_mb, run_worker  # noqa: E402
 
 
-def worker(path: str, batch: int, length: int, repeats: int, preset: str, bf16: bool, ce_chunk: int) -> dict:
+def worker(
+    path: str, batch: int, length: int, repeats: int, preset: str, bf16: bool, ce_chunk: int, checkpointing: bool
+) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -32,6 +34,9 @@ def worker(path: str, batch: int, length: int, repeats: int, preset: str, bf16: 
 
     lm = DiffusionLM.from_pretrained(f"preset:{preset}", device="cpu", dtype=torch.float32, seed=0)
     lm.model = apply_lora(lm.model, LoraSettings(r=256, alpha=256))
+    if checkpointing:  # both paths alike: the encoder layers recompute their activations in backward
+        lm.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.model.enable_input_require_grads()
     lm.train()
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-5)
     ids = torch.randint(5, len(lm.tokenizer), (batch, length), generator=torch.Generator().manual_seed(0))
@@ -89,13 +94,22 @@ def main() -> None:
     parser.add_argument("--preset", default="mmbert-base")
     parser.add_argument("--autocast-bf16", action="store_true")
     parser.add_argument("--ce-chunk", type=int, default=256, help="masked positions per cross-entropy chunk")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in both paths")
     parser.add_argument("--worker", choices=["fast", "dense"])
     args = parser.parse_args()
     shape = [f"--batch={args.batch}", f"--length={args.length}", f"--repeats={args.repeats}", f"--preset={args.preset}"]
     shape += ["--autocast-bf16"] if args.autocast_bf16 else []
-    shape += [f"--ce-chunk={args.ce_chunk}"]
+    shape += [f"--ce-chunk={args.ce_chunk}"] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     if args.worker:
-        options = (args.batch, args.length, args.repeats, args.preset, args.autocast_bf16, args.ce_chunk)
+        options = (
+            args.batch,
+            args.length,
+            args.repeats,
+            args.preset,
+            args.autocast_bf16,
+            args.ce_chunk,
+            args.gradient_checkpointing,
+        )
         print(json.dumps(worker(args.worker, *options)))
         return
     fast, dense = run_worker(__file__, "fast", *shape), run_worker(__file__, "dense", *shape)
@@ -115,6 +129,7 @@ def main() -> None:
         "preset": args.preset,
         "threads": fast["threads"],
         "ce_chunk": args.ce_chunk,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "dtype": "bf16 autocast" if args.autocast_bf16 else "float32",
     }
     print(
