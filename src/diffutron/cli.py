@@ -89,6 +89,28 @@ def _default_model() -> str:
     return str(shipped_model(DEFAULT_MODEL))
 
 
+@contextmanager
+def _training_progress(label: str, total: int):
+    """A bar over training steps showing loss, lr and tokens/s; yields (update(record), the bar)."""
+    columns = [
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total, info="starting")
+
+        def update(record: dict) -> None:
+            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+            bar.update(task, completed=record["step"], total=record["max_steps"], info=info)
+
+        yield update, bar
+
+
 def _load(model: str | None, device: str | None = None):
     from diffutron.model import DiffusionLM
 
@@ -540,24 +562,7 @@ def train_(
         recipe = override(recipe, changes)
     except KeyError as e:
         raise UsageError(f"--set: unknown recipe key {e.args[0]!r}") from None
-    bar = Progress(
-        TextColumn("step"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-
-    def update(record: dict) -> None:
-        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
-        bar.update(task, completed=record["step"], total=record["max_steps"], info=info)
-
-    with bar:
-        task = bar.add_task("train", total=recipe.train.max_steps, info="starting")
+    with _training_progress("step", recipe.train.max_steps) as (update, _):
         summary = train(recipe, progress=update, dry_run=dry_run)
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, one process reports
         return
@@ -572,9 +577,10 @@ def train_(
             f"interrupted at step {summary['step']}: saved {summary['checkpoint']}; rerun the same command to resume"
         )
         raise typer.Exit(130)
+    curves = Path(summary["out"]) / "curves.png"
     out.print(
         f"trained {summary['step']} steps in {summary['seconds']:.0f} s, final loss {summary['final_loss']:.4f}; "
-        f"model in {summary['final']}, curves in {Path(summary['out']) / 'curves.png'}"
+        f"model in {summary['final']}" + (f", curves in {curves}" if curves.is_file() else "")
     )
 
 
@@ -606,24 +612,7 @@ def demo(
     after, generation and infilling; offline, a few minutes on a CPU."""
     from diffutron.demo import run_demo
 
-    bar = Progress(
-        TextColumn("CPT"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-
-    def update(record: dict) -> None:
-        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
-        bar.update(task, completed=record["step"], total=record["max_steps"], info=info)
-
-    with bar:
-        task = bar.add_task("cpt", total=steps, info="starting")
+    with _training_progress("CPT", steps) as (update, bar):
         result = run_demo(out_dir, max_steps=steps, progress=update, status=lambda m: bar.console.log(m))
     if as_json:
         return _print_json(
