@@ -656,9 +656,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
+        # transformers reads the hub's setting when imported; if it already is (main() called in-process),
+        # tell it directly, without paying its import at start-up otherwise
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+            hf_logging.disable_progress_bar()
     try:
         code = app(args=argv or ["--help"], prog_name="diffutron", standalone_mode=False)
         return code if isinstance(code, int) else 0

@@ -6,6 +6,7 @@ masks jointly, each choice conditioning the next, is the sampler's job (`diffutr
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from diffutron.errors import UsageError
 
 PLACEHOLDER = "<mask>"
+SPAN = re.compile(r"<mask(?:\*(\d+))?>")
 
 
 @dataclass
@@ -27,11 +29,12 @@ class Candidate:
 
 
 def encode_with_masks(lm, text: str) -> list[int]:
-    """Token ids of `text` with every `<mask>` (or the tokenizer's own mask token) as the mask id."""
+    """Token ids of `text` with every `<mask>` (one token), `<mask*N>` (N tokens) or the tokenizer's
+    own mask token as the mask id."""
     own = lm.tokenizer.mask_token
-    if PLACEHOLDER not in text and own not in text:
+    if not SPAN.search(text) and own not in text:
         raise UsageError(f"the text has no {PLACEHOLDER} to fill")
-    ids = lm.tokenizer(text.replace(PLACEHOLDER, own), verbose=False)["input_ids"]
+    ids = lm.tokenizer(SPAN.sub(lambda m: own * int(m.group(1) or 1), text), verbose=False)["input_ids"]
     if len(ids) > lm.context_length:
         raise UsageError(f"the text is {len(ids)} tokens long, more than the model's context of {lm.context_length}")
     return ids

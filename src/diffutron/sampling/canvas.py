@@ -8,15 +8,12 @@ decoding are tensor operations over the whole batch.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from diffutron.errors import UsageError
-from diffutron.fill_mask import PLACEHOLDER
-
-SPAN = re.compile(r"<mask(?:\*(\d+))?>")
+from diffutron.fill_mask import encode_with_masks
 
 
 @dataclass
@@ -63,17 +60,7 @@ def generation_canvas(lm, prompts: list[str], max_new_tokens: int, truncate_prom
 
 def infill_canvas(lm, texts: list[str]) -> Canvas:
     """`<mask>` is one token to fill, `<mask*N>` is N; the tokenizer's own mask token works too."""
-    rows = []
-    for text in texts:
-        if not SPAN.search(text) and lm.tokenizer.mask_token not in text:
-            raise UsageError(f"the text has no {PLACEHOLDER} to fill: {text[:60]!r}")
-        expanded = SPAN.sub(lambda m: lm.tokenizer.mask_token * int(m.group(1) or 1), text)
-        ids = lm.tokenizer(expanded, verbose=False)["input_ids"]
-        if len(ids) > lm.context_length:
-            raise UsageError(
-                f"the text is {len(ids)} tokens long, more than the model's context of {lm.context_length}"
-            )
-        rows.append(ids)
+    rows = [encode_with_masks(lm, text) for text in texts]
     canvas = _pad(lm, rows)
     canvas.fillable = canvas.ids == lm.mask_id
     position = torch.arange(canvas.ids.shape[1]).expand_as(canvas.ids)
