@@ -311,3 +311,15 @@ def test_unknown_recipe_keys_are_listed(tmp_path):
     recipe.write_text("train:\n  max_stepz: 3\n")
     done = subprocess.run(CLI + ["train", str(recipe)], capture_output=True, text=True)
     assert done.returncode == 2 and "unknown key max_stepz" in done.stderr and "max_steps" in done.stderr
+
+
+def test_yaml_booleans_in_text_fields_ask_for_quotes(tmp_path):
+    from diffutron.errors import UsageError
+
+    with pytest.raises(UsageError, match="quote it"):
+        override(TrainRecipe(), {"train.precision": False})  # what YAML makes of `precision: no`
+    recipe = override(TrainRecipe(), {"train.precision": "fp32", "data.recipe": "x.yaml"})
+    recipe.validate()
+    with pytest.raises(UsageError, match="train.precision must be one of"):
+        override(recipe, {"train.precision": "fp64"}).validate()
+    assert override(recipe, {"optim.lr": "2e-3"}).optim.lr == 2e-3  # YAML 1.1 reads 2e-3 as text

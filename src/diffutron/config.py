@@ -51,8 +51,16 @@ def _convert(hint, value, where: str):
         if not isinstance(value, list):
             raise UsageError(f"{where}: expected a list")
         return [from_dict(args[0], item, f"{where}[{i}].") for i, item in enumerate(value)]
-    if hint is float and isinstance(value, int):
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-3 (no dot) as text
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, bool):
+        # YAML 1.1 reads no/yes/off/on as booleans
+        raise UsageError(f"{where}: expected text, got {value!r} (YAML reads no/yes/on/off as booleans: quote it)")
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise UsageError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

@@ -29,6 +29,7 @@ import torch
 
 from diffutron.errors import DiffutronError, UsageError
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "no")
 OBJECTIVES = ("mdlm", "mlm", "sft")
 
 
@@ -89,7 +90,7 @@ class TrainSection:
     batch_size: int = 8  # sequences per process per micro-batch
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | no
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32 (alias: no)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: at the end only
@@ -124,6 +125,8 @@ class TrainRecipe:
             raise UsageError("name the training data: data.dataset (a prepared folder) or data.recipe")
         if self.train.max_steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise UsageError("max_steps, batch_size and grad_accum must be at least 1")
+        if self.train.precision not in PRECISIONS:
+            raise UsageError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}")
 
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -280,6 +283,7 @@ def train(recipe: TrainRecipe, progress: Callable[[dict], None] | None = None, d
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
+    precision = {"fp32": "no"}.get(precision, precision)  # accelerate's spelling
     # cpu=True without CUDA: several processes on a CPU machine (torchrun) then use gloo DDP
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
