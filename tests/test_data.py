@@ -190,6 +190,18 @@ def test_mixture_weights_and_budgets_are_seeded(tmp_path):
     assert seen["a"] == 4 and seen["b"] == 400
 
 
+def test_fractions_split_a_source_into_stable_disjoint_parts(tmp_path):
+    def texts(**part):
+        return [text for _, text in Mixture([SourceSpec("bundled", name="b", **part)], 0, {"b": Counter()})]
+
+    first, rest, whole = texts(fraction=0.5), texts(fraction=0.5, fraction_offset=0.5), texts()
+    assert sorted(first + rest) == sorted(whole)  # disjoint, and together the whole source
+    assert 0.4 < len(first) / len(whole) < 0.6
+    assert texts(fraction=0.5) == first  # the same documents on every run
+    with pytest.raises(UsageError, match="fraction"):
+        texts(fraction=0.6, fraction_offset=0.5)
+
+
 def test_prepare_counts_bad_lines_writes_shards_and_resumes(tmp_path):
     from datasets import load_from_disk
     from datasets.distributed import split_dataset_by_node

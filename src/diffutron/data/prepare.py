@@ -24,7 +24,7 @@ from pathlib import Path
 
 from diffutron.data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, dedup_keys
 from diffutron.data.pack import PackConfig, Packer, ShardWriter, _write_json
-from diffutron.data.sources import iter_documents
+from diffutron.data.sources import Document, iter_documents
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.tokenizer import special_affixes
 
@@ -40,6 +40,10 @@ class SourceSpec:
     split: str = "train"  # for hf: sources
     txt_mode: str = "blank"  # .txt: documents split by blank lines ("blank") or one per line ("line")
     name: str = ""  # shown in stats [default: the spec]
+    # keep the documents whose id hashes into [fraction_offset, fraction_offset + fraction): the same
+    # ones on every run, and disjoint parts of one source for two stages (pre-training, then CPT)
+    fraction: float | None = None
+    fraction_offset: float = 0.0
 
 
 @dataclass
@@ -69,6 +73,20 @@ def load_tokenizer(name: str):
         raise DiffutronError(f"could not load tokenizer {name!r}: {str(err).splitlines()[0]}") from err
 
 
+def _keep_fraction(documents: Iterator[Document], source: SourceSpec) -> Iterator[Document]:
+    """The documents of `source.fraction`, chosen by a hash of their id (a seeded draw would differ by order)."""
+    if source.fraction is None:
+        return documents
+    low, high = source.fraction_offset, source.fraction_offset + source.fraction
+    if not (0 < source.fraction <= 1 and low >= 0 and high <= 1 + 1e-9):
+        raise UsageError(f"{source.spec}: fraction and fraction_offset must lie in [0, 1], their sum at most 1")
+    return (doc for doc in documents if low <= _unit_hash(doc.id) < high)
+
+
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
 class Mixture:
     """Interleaves the sources' documents: by weight (seeded draws) or by token budget.
 
@@ -80,14 +98,17 @@ class Mixture:
         if len(set(self.names)) != len(self.names):
             raise UsageError("two sources have the same name: give them distinct `name`s")
         self.iterators = {
-            name: iter_documents(
-                s.spec,
-                s.text_field,
-                errors="count",
-                rejects=rejects[name],
-                txt_mode=s.txt_mode,
-                split=s.split,
-                training=True,
+            name: _keep_fraction(
+                iter_documents(
+                    s.spec,
+                    s.text_field,
+                    errors="count",
+                    rejects=rejects[name],
+                    txt_mode=s.txt_mode,
+                    split=s.split,
+                    training=True,
+                ),
+                s,
             )
             for name, s in zip(self.names, sources, strict=True)
         }
