@@ -112,11 +112,38 @@ def _sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Gener
         kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= config.top_p  # keep the smallest set reaching p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        logits = top_p_filter(logits, config.top_p)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `probs` [N, V] by inverse CDF: one uniform a row, where Gumbel-max draws
+    one per entry and torch.multinomial is as slow on a CPU (0.2 s vs 0.03 s for 512 x 16k here)."""
+    cumulative = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    tokens = torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    # rounding can land on a zero-probability entry at the very end: take the mode there
+    unlucky = probs.gather(1, tokens[:, None]).squeeze(1) == 0
+    return torch.where(unlucky, probs.argmax(dim=-1), tokens)
+
+
+def top_p_filter(logits: torch.Tensor, p: float, first_k: int = 1024) -> torch.Tensor:
+    """-inf outside each row's smallest set of most probable tokens whose mass reaches p (nucleus).
+
+    Rows whose nucleus lies within their `first_k` best tokens are settled by topk, the rest by a
+    full sort (0.3 s for 512 x 16k on a CPU): peaked rows are cheap, flat ones cost what they did.
+    """
+    probs = logits.softmax(dim=-1)
+    k = min(first_k, probs.shape[-1])
+    values, order = probs.topk(k, dim=-1)
+    keep_sorted = values.cumsum(dim=-1) - values < p  # entries before the mass reaches p
+    settled = (values.sum(dim=-1) >= p) | (k == probs.shape[-1])
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted & settled[:, None])
+    rest = (~settled).nonzero().flatten()
+    if rest.numel():
+        values, order = probs[rest].sort(dim=-1, descending=True)
+        keep[rest] = torch.zeros_like(values, dtype=torch.bool).scatter_(1, order, values.cumsum(dim=-1) - values < p)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def _penalise(logits: torch.Tensor, rows: torch.Tensor, canvas: torch.Tensor, lm, penalty: float) -> torch.Tensor:
