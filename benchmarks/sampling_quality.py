@@ -1,12 +1,14 @@
 """Sampling policies on the shipped tiny Diffutron: forward passes per token, speed, and quality.
 
     python benchmarks/sampling_quality.py [--json] [--model PATH] [--prompts 16] [--new-tokens 32]
+        [--temperature 0] [--top-p 1] [--repetition-penalty 1]
 
-Quality is judged without the model itself: the perplexity of the generated tokens under an
+Forward passes per token count each prompt's own passes (rows leave the batch when full). Quality
+is judged without the model itself: the perplexity of the generated tokens under an
 interpolated trigram model of the bundled train split (same tokenizer), and distinct-2 / the share
-of repeated tokens within a sample. Prompts are the first 8 tokens of held-out documents; greedy
-(temperature 0) for every policy, one block, steps = new tokens (the threshold policy takes as many
-steps as it needs). The last line of --json is one JSON object.
+of repeated tokens within a sample. Prompts are the first 8 tokens of held-out documents; the same
+sampling settings (greedy by default) for every policy, seed 0, one block, steps = new tokens (the
+threshold policy takes as many steps as it needs). The last line of --json is one JSON object.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ POLICIES = [
     ("random", None),
     ("threshold", 0.9),
     ("threshold", 0.7),
+    ("threshold", 0.5),
+    ("threshold", 0.3),
 ]
 
 
@@ -67,6 +71,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the shipped tiny Diffutron")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
     args = parser.parse_args()
 
     from diffutron.assets import shipped_model
@@ -87,6 +94,14 @@ def main() -> None:
     rows = []
     generate(lm, prompts[:2], max_new_tokens=4, steps=2, stop_at_eos=False)  # warm-up
     for policy, tau in POLICIES:
+        # forward passes each prompt takes (a row leaves the batch once full): the batch's own step
+        # count would be its slowest row's
+        in_forward = {"active": None, "row_passes": 0}
+
+        def count_rows(state, seen=in_forward):
+            seen["row_passes"] += len(prompts) if seen["active"] is None else int(seen["active"].sum())
+            seen["active"] = state.active.clone()
+
         started = time.perf_counter()
         result = generate(
             lm,
@@ -95,8 +110,12 @@ def main() -> None:
             steps=args.new_tokens,
             policy=policy,
             threshold=tau or 0.9,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
             stop_at_eos=False,
             seed=0,
+            callback=count_rows,
         )
         seconds = time.perf_counter() - started
         tokens = result.token_ids
@@ -105,7 +124,7 @@ def main() -> None:
         rows.append(
             {
                 "policy": policy if tau is None else f"threshold {tau}",
-                "forward_passes_per_token": result.forward_passes / args.new_tokens,
+                "forward_passes_per_token": in_forward["row_passes"] / (len(prompts) * args.new_tokens),
                 "tokens_per_s": result.new_tokens / seconds,
                 "ngram_ppl": ngram.perplexity(contexts, tokens),
                 "distinct_2": len(set(bigrams)) / max(len(bigrams), 1),
@@ -122,7 +141,15 @@ def main() -> None:
     if args.json:
         print(
             json.dumps(
-                {"rows": rows, "heldout_ngram_ppl": reference, "prompts": len(prompts), "new_tokens": args.new_tokens},
+                {
+                    "rows": rows,
+                    "heldout_ngram_ppl": reference,
+                    "prompts": len(prompts),
+                    "new_tokens": args.new_tokens,
+                    "temperature": args.temperature,
+                    "top_p": args.top_p,
+                    "repetition_penalty": args.repetition_penalty,
+                },
                 ensure_ascii=False,
             )
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ class EvalResult:
     samples: int
     windows: int
     seconds: float
+    # PPL of each pass: pass k masks the same positions for any model with this tokenizer, so two
+    # models compare pass by pass (a paired difference, far tighter than either stderr)
+    pass_ppl: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,6 +186,7 @@ def evaluate_windows(
         top5=float((ranks < 5).float().mean()),
         mask_ratio=mask_ratio,
         samples=samples,
+        pass_ppl=pass_ppls,
         windows=len(windows),
         seconds=time.perf_counter() - start,
     )
