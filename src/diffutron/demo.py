@@ -16,6 +16,7 @@ from diffutron.assets import shipped_model
 
 PROMPTS = ["Türkiye Cumhuriyeti", "Bugün hava çok güzel ve", "Ankara, Türkiye'nin"]
 INFILL = "Türkiye Büyük Millet Meclisi <mask*4> açıldı."
+LORA_R = 64
 
 
 def demo_recipe(out: Path, max_steps: int):
@@ -31,10 +32,11 @@ def demo_recipe(out: Path, max_steps: int):
             "data.eval_documents": 32,
             "train.eval_every": max(1, max_steps // 3),
             "objective.kind": "mdlm",
-            "lora.r": 32,
-            "lora.alpha": 64,
-            "optim.lr": 3e-3,
-            "optim.warmup_steps": 10,
+            # the shipped tiny Diffutron's LoRA (configs/tiny-diffutron-cpt.yaml), for fewer steps
+            "lora.r": LORA_R,
+            "lora.alpha": LORA_R,
+            "optim.lr": 2e-3,
+            "optim.warmup_steps": 20,
             "train.out": str(out),
             "train.max_steps": max_steps,
             "train.batch_size": 16,
@@ -47,7 +49,7 @@ def demo_recipe(out: Path, max_steps: int):
 
 def run_demo(
     out: str | Path,
-    max_steps: int = 150,
+    max_steps: int = 300,
     progress: Callable[[dict], None] | None = None,
     on_step: Callable | None = None,
     status: Callable[[str], None] = lambda message: None,
@@ -72,10 +74,10 @@ def run_demo(
     trained = DiffusionLM.from_pretrained(summary["final"], device="cpu")
     status("evaluating the trained model")
     after = evaluate(trained, heldout, mask_ratio=0.15, elbo_samples=2)
-    samples = generate(
-        trained, PROMPTS, max_new_tokens=24, steps=24, temperature=0.0, policy="confidence", callback=None
-    )
-    shown = generate(trained, [PROMPTS[0]], max_new_tokens=24, steps=24, history=True, callback=on_step)
+    # the CLI's generate defaults (docs/benchmarks.md): greedy, confidence, repetition penalty 1.2
+    settings = dict(max_new_tokens=24, steps=24, temperature=0.0, policy="confidence", repetition_penalty=1.2)
+    samples = generate(trained, PROMPTS, **settings)
+    shown = generate(trained, [PROMPTS[0]], **settings, history=True, callback=on_step)
     filled = infill(trained, [INFILL])
     result = {
         "ppl_before": before.ppl,
@@ -108,7 +110,7 @@ def _report(r: dict) -> str:
     lines = [
         "# diffutron demo: a tiny Turkish diffusion LM from a masked-LM encoder",
         "",
-        f"CPT with LoRA (r=32) under the MDLM objective, {r['steps']} steps from the shipped tiny base, "
+        f"CPT with LoRA (r={LORA_R}) under the MDLM objective, {r['steps']} steps from the shipped tiny base, "
         f"{r['train_seconds']:.0f} s. Held-out split of the bundled corpus:",
         "",
         "| model | PPL @ 15% masked | ELBO bound | fill-mask top-1 |",
@@ -116,7 +118,7 @@ def _report(r: dict) -> str:
         f"| tiny base (MLM) | {r['ppl_before']:.2f} | {r['elbo_ppl_before']:.2f} | {r['top1_before']:.1%} |",
         f"| after CPT | {r['ppl_after']:.2f} | {r['elbo_ppl_after']:.2f} | {r['top1_after']:.1%} |",
         "",
-        "## Continuations (greedy, confidence policy, 24 tokens, 24 steps)",
+        "## Continuations (greedy, confidence policy, repetition penalty 1.2, 24 tokens, 24 steps)",
         "",
     ]
     lines += [f"- **{s['prompt']}** → {s['text']}" for s in r["samples"]]
