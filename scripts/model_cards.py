@@ -57,9 +57,10 @@ mmBERT-base 3.42 -> DiffutronLM-0.3B 2.75 on real held-out Turkish writing."""
 
 HONEST = """## What it can and cannot do
 This is a {params:,}-parameter model trained for minutes on ~0.57M tokens of mostly 1906-1938
-political speeches and a few thousand web and Wikipedia sentences (the base on 0.32M of them). It predicts frequent words and
-Turkish morphology in context, and it demonstrates the whole pipeline (tokenizer, MLM base, CPT with
-LoRA under the diffusion objective, evaluation, sampling) end to end on a CPU. It does not know
+political speeches and a few thousand web and Wikipedia sentences (the base on 0.32M of them). It
+predicts frequent words and Turkish morphology in context, and it demonstrates the whole pipeline
+(tokenizer, MLM base, CPT with LoRA under the diffusion objective, evaluation, sampling) end to end
+on a CPU. It does not know
 facts, does not follow instructions, and its generations are fluent-looking fragments at best. Use
 it for tests, demos and as a template for the real recipe (`configs/diffutron-0.3b-cpt.yaml`)."""
 
@@ -126,7 +127,8 @@ It is a standard Hugging Face folder: `AutoModelForMaskedLM.from_pretrained(path
         "head; MDLM with the linear schedule and ELBO weighting; bf16 autocast; seed 0); merged with "
         "`diffutron export --merge-lora`; rebuilt by `scripts/build_models.sh`.\n\n"
         "Why the base sees only half: trained on the same text to convergence, a LoRA CPT cannot lower "
-        "PPL@15% (measured on the first 64 held-out documents with a base pre-trained on the whole split: 171.3 -> 173.1 after 300 CPT steps, "
+        "PPL@15% (measured on the first 64 held-out documents with a base pre-trained on the whole split: "
+        "171.3 -> 173.1 after 300 CPT steps, "
         "while the ELBO bound fell 576 -> 554). The reference's drop (3.42 -> 2.75) comes from Turkish "
         "text that mmBERT had seen little of; this miniature keeps that cause.",
         args.cpt_seconds,

@@ -323,3 +323,16 @@ def test_yaml_booleans_in_text_fields_ask_for_quotes(tmp_path):
     with pytest.raises(UsageError, match="train.precision must be one of"):
         override(recipe, {"train.precision": "fp64"}).validate()
     assert override(recipe, {"optim.lr": "2e-3"}).optim.lr == 2e-3  # YAML 1.1 reads 2e-3 as text
+
+
+def test_command_line_values_keep_yes_no_as_text_until_typed():
+    from diffutron.config import parse_value
+
+    changes = {
+        "train.precision": parse_value("no"),
+        "train.plot": parse_value("off"),
+        "train.log_every": parse_value("5"),
+    }
+    recipe = override(TrainRecipe(), changes)
+    assert (recipe.train.precision, recipe.train.plot, recipe.train.log_every) == ("no", False, 5)
+    assert parse_value("null") is None and parse_value("[a, b]") == ["a", "b"]

@@ -261,7 +261,9 @@ TopPOpt = typer.Option(1.0, "--top-p", help="1 is off")
 PenaltyOpt = typer.Option(1.0, "--repetition-penalty", help="1 is off (the reference chat settings used 1.2)")
 # generate's default: on the shipped model, greedy decoding with 1.2 repeats a token half as often,
 # with more distinct bigrams and lower trigram perplexity (docs/benchmarks.md, sampling policies)
-GeneratePenaltyOpt = typer.Option(1.2, "--repetition-penalty", help="CTRL's penalty on tokens already present; 1 is off")
+GeneratePenaltyOpt = typer.Option(
+    1.2, "--repetition-penalty", help="CTRL's penalty on tokens already present; 1 is off"
+)
 ThresholdOpt = typer.Option(0.9, "--threshold", help="confidence tau of the threshold policy")
 CfgOpt = typer.Option(0.0, "--cfg", help="classifier-free guidance scale, 0 is off")
 SeedOpt = typer.Option(0, "--seed")
@@ -538,9 +540,7 @@ def train_(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train: CPT (MDLM), MLM or SFT, LoRA or full; rerun the same command to resume."""
-    import yaml
-
-    from diffutron.config import load_config, override
+    from diffutron.config import load_config, override, parse_value
     from diffutron.train import TrainRecipe, train
 
     recipe = load_config(TrainRecipe, recipe_path)
@@ -560,7 +560,7 @@ def train_(
         key, sep, value = setting.partition("=")
         if not sep:
             raise UsageError(f"--set takes KEY=VALUE, got {setting!r}")
-        changes[key] = yaml.safe_load(value)
+        changes[key] = parse_value(value)
     try:
         recipe = override(recipe, changes)
     except KeyError as e:

@@ -19,6 +19,8 @@ import yaml
 from diffutron.errors import UsageError
 
 T = TypeVar("T")
+# words YAML 1.1 reads as booleans; a text field gets them back as text from parse_value
+BOOLEAN_WORDS = {"yes": True, "no": False, "on": True, "off": False, "true": True, "false": False}
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
@@ -58,12 +60,25 @@ def _convert(hint, value, where: str):
             return float(value)
         except ValueError:
             pass
+    if hint is bool and isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[value.lower()]
     if hint is str and isinstance(value, bool):
         # YAML 1.1 reads no/yes/off/on as booleans
         raise UsageError(f"{where}: expected text, got {value!r} (YAML reads no/yes/on/off as booleans: quote it)")
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise UsageError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def parse_value(text: str):
+    """A command-line value: YAML (numbers, lists, null), but yes/no/on/off stay text until a field's
+    type says otherwise, so `--set train.precision=no` means the text and `--set train.plot=no` False."""
+    if text.strip().lower() in BOOLEAN_WORDS.keys() - {"true", "false"}:
+        return text.strip()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"{text!r} is not a valid value ({str(e).splitlines()[0]})") from None
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
