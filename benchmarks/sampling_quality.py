@@ -94,14 +94,9 @@ def main() -> None:
     rows = []
     generate(lm, prompts[:2], max_new_tokens=4, steps=2, stop_at_eos=False)  # warm-up
     for policy, tau in POLICIES:
-        # forward passes each prompt takes (a row leaves the batch once full): the batch's own step
-        # count would be its slowest row's
-        in_forward = {"active": None, "row_passes": 0}
-
-        def count_rows(state, seen=in_forward):
-            seen["row_passes"] += len(prompts) if seen["active"] is None else int(seen["active"].sum())
-            seen["active"] = state.active.clone()
-
+        # rows still active after each step: a row leaves the batch once full, so the passes each
+        # prompt takes add up to all rows at step 1 plus the rows left active before every later step
+        active_after = []
         started = time.perf_counter()
         result = generate(
             lm,
@@ -115,7 +110,7 @@ def main() -> None:
             repetition_penalty=args.repetition_penalty,
             stop_at_eos=False,
             seed=0,
-            callback=count_rows,
+            callback=lambda state, after=active_after: after.append(int(state.active.sum())),
         )
         seconds = time.perf_counter() - started
         tokens = result.token_ids
@@ -124,7 +119,7 @@ def main() -> None:
         rows.append(
             {
                 "policy": policy if tau is None else f"threshold {tau}",
-                "forward_passes_per_token": in_forward["row_passes"] / (len(prompts) * args.new_tokens),
+                "forward_passes_per_token": (len(prompts) + sum(active_after[:-1])) / (len(prompts) * args.new_tokens),
                 "tokens_per_s": result.new_tokens / seconds,
                 "ngram_ppl": ngram.perplexity(contexts, tokens),
                 "distinct_2": len(set(bigrams)) / max(len(bigrams), 1),

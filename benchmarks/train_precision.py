@@ -52,8 +52,9 @@ def main() -> None:
     parser.add_argument("--recipe", default="configs/tiny-base-mlm.yaml")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--worker", choices=["fp32", "bf16"])  # one run in its own process:
-    parser.add_argument("--data")  # accelerate fixes the precision once per process
+    # each run in its own process: accelerate fixes the precision once per process
+    parser.add_argument("--worker", choices=["fp32", "bf16"])
+    parser.add_argument("--data")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:

@@ -1,8 +1,9 @@
-"""A slow, obviously-correct reference: LLaDA's generate() loop (low-confidence remasking, greedy).
+"""Slow, obviously-correct references: LLaDA's generate() loop (low-confidence remasking, greedy),
+and the textbook nucleus (top-p) filter.
 
 One prompt at a time, no padding, full logits over the whole canvas at every step, a Python top-k per
 step -- as in LLaDA's generate.py. Special tokens other than EOS are never proposed (as in ours).
-Shared by tests/test_sampling.py and benchmarks/generate.py.
+Shared by tests/test_sampling.py and benchmarks/generate.py, benchmarks/sample_draw.py.
 """
 
 from __future__ import annotations
@@ -45,3 +46,11 @@ def llada_generate_batch(lm, prompts: list[str], gen_length: int, steps: int, bl
                 chosen = torch.topk(confidence[row], counts[i]).indices
                 x[row, chosen] = x0[row, chosen]
     return x[:, start : start + gen_length].tolist()
+
+
+def nucleus_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p as in the papers: sort every row, keep the prefix before the mass reaches p, -inf elsewhere."""
+    values, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    keep_sorted = values.cumsum(dim=-1) - values < p
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
