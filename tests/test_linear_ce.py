@@ -28,3 +28,36 @@ def test_values_and_gradients_equal_the_dense_reference(chunk, train_weight):
 def test_no_positions():
     z = torch.zeros(0, 4, requires_grad=True)
     assert linear_cross_entropy(z, torch.zeros(3, 4), torch.zeros(3), torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_bf16_autocast_matches_fp32_with_trainable_weight(backward_inside):
+    """Full fine-tuning under CPU bf16 autocast; PyTorch's recommended pattern runs backward() outside
+    the autocast region, where the recomputed chunks must still see the forward's dtypes."""
+    g = torch.Generator().manual_seed(0)
+    hidden, vocab, n = 32, 300, 41
+    x = torch.randn(n, hidden, generator=g)
+    layer = torch.nn.Linear(hidden, hidden)  # makes z bf16 under autocast, as the model's head does
+    weight = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g) / hidden**0.5)
+    bias = torch.nn.Parameter(torch.randn(vocab, generator=g) * 0.1)
+    targets = torch.randint(vocab, (n,), generator=g)
+    params = [layer.weight, weight, bias]
+
+    dense = F.cross_entropy(F.linear(layer(x), weight, bias), targets, reduction="none")
+    dense_grads = torch.autograd.grad(dense.mean(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = linear_cross_entropy(layer(x), weight, bias, targets, chunk=8)
+        loss = fast.mean()
+        if backward_inside:
+            fast_grads = torch.autograd.grad(loss, params)
+    if not backward_inside:
+        fast_grads = torch.autograd.grad(loss, params)
+    assert fast.dtype == torch.float32
+    assert _relative_error(fast, dense) < 2e-2
+    for name, a, b in zip(("z", "weight", "bias"), fast_grads, dense_grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32, name
+        assert _relative_error(a, b) < 3e-2, name
