@@ -1,0 +1,205 @@
+"""log p(continuation | context) of a masked diffusion LM, estimated by the masked-diffusion ELBO.
+
+Only the continuation's L tokens are ever masked. With l of them masked (a uniform l-subset M), LLaDA's
+conditional estimator (Nie et al. 2025, eq. 14, the form with the number of masks drawn uniformly) is
+
+    log p(c | x)  >=  E_{l ~ U{1..L}} E_M [ (L / l) * sum_{i in M} log p(c_i | x, c outside M) ]
+
+Monte Carlo with S samples: the counts are stratified, l_n = floor(L (n + u) / S) + 1 for one uniform u per
+draw (each l_n is still uniform on 1..L), and each sample's subset is uniform. For L = 1 every sample
+masks the one token with weight 1, so the value is exact and one sample (one forward) is drawn.
+
+The draws come from a generator seeded by (seed, L): the same for any batch size or request order, and
+the choices of a multiple-choice question that have the same length share their masks, so the
+comparison between them is paired (common random numbers).
+
+A row is `prefix + context + continuation (some masked) + suffix` ([CLS] ... [SEP]): the continuation's
+end is known, as in the generation canvas. Rows of all requests and samples are batched together,
+identical rows are computed once (e.g. the all-masked rows of two same-length choices, or every
+choice of a one-token answer), and the head runs only at the masked positions, a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def mask_generator(seed: int, length: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + length * 0x85EBCA77) % 2**63)
+
+
+def draw_masks(length: int, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """bool [S, L]: sample n masks l_n stratified tokens of L; S = 1 when L = 1 (exact)."""
+    if length < 1:
+        raise ValueError("a continuation needs at least one token")
+    samples = 1 if length == 1 else samples
+    u = torch.rand(1, generator=generator)
+    counts = ((torch.arange(samples) + u) * length / samples).floor().long().clamp(max=length - 1) + 1
+    ranks = torch.rand(samples, length, generator=generator).argsort(dim=1).argsort(dim=1)
+    return ranks < counts[:, None]
+
+
+def elbo(token_logprobs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The estimate from [S, L] log p(c_i | ...) (read only where masked) and the masks [S, L]:
+    mean over samples of (L / l_n) * sum of the masked tokens' log-probabilities."""
+    length = masks.shape[1]
+    weights = length / masks.sum(dim=1).to(token_logprobs.dtype)
+    return (token_logprobs.masked_fill(~masks, 0).sum(dim=1) * weights).mean()
+
+
+@dataclass
+class Scored:
+    logprob: float
+    greedy: bool  # argmax at the one masked token (L = 1), or the sequential greedy check when asked
+
+
+def fit(context: list[int], continuation: list[int], room: int) -> tuple[list[int], list[int]]:
+    """Keep the end of the context (and, if even that is too long, of the continuation) within `room`."""
+    if len(continuation) > room:
+        warnings.warn(
+            f"a continuation of {len(continuation)} tokens exceeds the model's context; scoring its last {room}",
+            stacklevel=3,
+        )
+        return [], continuation[-room:]
+    keep = room - len(continuation)
+    return (context[-keep:] if keep else []), continuation
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    lm,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    *,
+    mc_num: int = 128,
+    seed: int = 0,
+    batch_size: int = 32,
+    head_chunk: int = 512,
+    check_greedy: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Scored]:
+    """Score (context ids, continuation ids) pairs (no special tokens): the ELBO estimate of each.
+
+    `batch_size` counts rows (a request contributes up to `mc_num` of them); `head_chunk` bounds the
+    positions whose [chunk, vocab] logits exist at once.
+    """
+    prefix, suffix = lm.special_affixes
+    room = lm.context_length - len(prefix) - len(suffix)
+    pairs = [fit(list(c), list(x), room) for c, x in pairs]
+    masks = [draw_masks(len(x), mc_num, mask_generator(seed, len(x))) if x else None for _, x in pairs]
+
+    # unique noisy rows, and for each (request, sample) the row it reads
+    rows: dict[tuple[int, ...], int] = {}
+    row_ids: list[list[int]] = []
+    readers: list[list[tuple[int, int]]] = []  # per unique row: (request, sample)
+    for r, ((context, continuation), m) in enumerate(zip(pairs, masks, strict=True)):
+        if m is None:
+            continue
+        start = len(prefix) + len(context)
+        clean = torch.tensor(prefix + context + continuation + suffix)
+        for n in range(m.shape[0]):
+            noisy = clean.clone()
+            noisy[start : start + len(continuation)][m[n]] = lm.mask_id
+            key = tuple(noisy.tolist())
+            if key not in rows:
+                rows[key] = len(row_ids)
+                row_ids.append(list(key))
+                readers.append([])
+            readers[rows[key]].append((r, n))
+
+    logps = [torch.zeros(m.shape, dtype=torch.float64) if m is not None else None for m in masks]
+    top = [torch.zeros(m.shape, dtype=torch.bool) if m is not None else None for m in masks]
+    order = sorted(range(len(row_ids)), key=lambda u: -len(row_ids[u]))  # less padding per batch
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        length = len(row_ids[batch[0]])
+        ids = torch.full((len(batch), length), lm.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, u in enumerate(batch):
+            ids[i, : len(row_ids[u])] = torch.tensor(row_ids[u])
+            attention[i, : len(row_ids[u])] = 1
+        positions = ids == lm.mask_id
+        # queries: (flat index among the batch's masked positions, target, request, sample, token index)
+        flat, targets, where = [], [], []
+        offset = 0
+        for i, u in enumerate(batch):
+            count = int(positions[i].sum())
+            for r, n in readers[u]:
+                context, continuation = pairs[r]
+                tokens = masks[r][n].nonzero().flatten()
+                flat.append(torch.arange(offset, offset + count))
+                targets.append(torch.tensor(continuation)[tokens])
+                where += [(r, n, int(t)) for t in tokens]
+            offset += count
+        flat, targets = torch.cat(flat), torch.cat(targets)
+        logp, is_top = _masked_logprobs(lm, ids, attention, positions, flat, targets, head_chunk)
+        for (r, n, t), value, best in zip(where, logp.tolist(), is_top.tolist(), strict=True):
+            logps[r][n, t], top[r][n, t] = value, best
+        if progress:
+            progress(min(b + batch_size, len(order)), len(order))
+
+    greedy = [bool(m is not None and m.shape[1] == 1 and top[r][0, 0]) for r, m in enumerate(masks)]
+    if check_greedy:
+        longer = [r for r, m in enumerate(masks) if m is not None and m.shape[1] > 1]
+        for r, ok in zip(longer, greedy_decodes(lm, [pairs[r] for r in longer], batch_size), strict=True):
+            greedy[r] = ok
+    return [
+        Scored(float(elbo(logps[r], masks[r])) if masks[r] is not None else 0.0, greedy[r]) for r in range(len(pairs))
+    ]
+
+
+def _masked_logprobs(lm, ids, attention, positions, flat, targets, chunk: int):
+    """log p(target) and whether it is the argmax, for each query into the batch's masked positions."""
+    device = lm.device
+    ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
+    flat, targets = flat.to(device), targets.to(device)
+    try:
+        hidden = lm.encode(ids, attention)[positions]
+        chunks = ((a, lambda a=a: lm.head(hidden[a : a + chunk])) for a in range(0, hidden.shape[0], chunk))
+    except NotImplementedError:  # no sparse head for this architecture: the model's own logits, gathered
+        logits = lm(ids, attention, positions=positions)
+        chunks = ((a, lambda a=a: logits[a : a + chunk]) for a in range(0, logits.shape[0], chunk))
+    logp = torch.empty(len(flat), dtype=torch.float64, device=device)
+    is_top = torch.empty(len(flat), dtype=torch.bool, device=device)
+    for a, compute in chunks:
+        logits = compute().float()
+        lse, best = logits.logsumexp(dim=-1), logits.argmax(dim=-1)
+        hit = (flat >= a) & (flat < a + logits.shape[0])
+        local = flat[hit] - a
+        logp[hit] = (logits[local, targets[hit]] - lse[local]).double()
+        is_top[hit] = best[local] == targets[hit]
+    return logp.cpu(), is_top.cpu()
+
+
+@torch.no_grad()
+def greedy_decodes(lm, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 32) -> list[bool]:
+    """Whether greedy decoding, one token per step, most confident first (LLaDA's check), writes each
+    continuation after its context: the sampler with the confidence policy, temperature 0, L steps."""
+    from diffutron.sampling import Canvas, SamplingConfig, denoise
+
+    prefix, suffix = lm.special_affixes
+    result = [False] * len(pairs)
+    by_length: dict[int, list[int]] = {}
+    for r, (_, continuation) in enumerate(pairs):
+        by_length.setdefault(len(continuation), []).append(r)
+    for length, group in by_length.items():
+        config = SamplingConfig(steps=length, policy="confidence", temperature=0.0, stop_at_eos=False)
+        for b in range(0, len(group), batch_size):
+            chunk = group[b : b + batch_size]
+            rows = [prefix + pairs[r][0] + [lm.mask_id] * length + suffix for r in chunk]
+            width = max(len(row) for row in rows)
+            ids = torch.tensor([row + [lm.pad_id] * (width - len(row)) for row in rows])
+            attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+            start = torch.tensor([len(prefix) + len(pairs[r][0]) for r in chunk])
+            position = torch.arange(width)[None, :]
+            fillable = (position >= start[:, None]) & (position < (start + length)[:, None])
+            canvas = Canvas(ids, attention, fillable, start, torch.full((len(chunk),), length))
+            for _ in denoise(lm, canvas, config, mode="infill"):
+                pass
+            for i, r in enumerate(chunk):
+                written = canvas.ids[i, int(start[i]) : int(start[i]) + length].tolist()
+                result[r] = written == pairs[r][1]
+    return result
