@@ -54,6 +54,7 @@ def main() -> None:
 
     import torch
 
+    from diffutron.sampling.rng import TOKEN_DRAW, uniforms
     from diffutron.sampling.sampler import draw, top_p_filter
 
     logits = model_logits(args.model, args.rows, temperature=0.8)
@@ -61,7 +62,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     seconds = {
         "multinomial": median_seconds(lambda: torch.multinomial(probs, 1, generator=g), args.repeats),
-        "draw": median_seconds(lambda: draw(probs, g), args.repeats),
+        # with the counter-based uniforms the sampler draws (one per row), their cost included
+        "draw": median_seconds(
+            lambda: draw(probs, uniforms(torch.zeros(len(probs)), torch.arange(len(probs)), TOKEN_DRAW)), args.repeats
+        ),
         "top_p_sort": median_seconds(lambda: nucleus_filter(logits, args.top_p), args.repeats),
         "top_p_filter": median_seconds(lambda: top_p_filter(logits, args.top_p), args.repeats),
     }

@@ -11,14 +11,20 @@ from __future__ import annotations
 import torch
 
 
-def llada_generate(lm, prompt: str, gen_length: int, steps: int, block_length: int) -> list[int]:
-    return llada_generate_batch(lm, [prompt], gen_length, steps, block_length)[0]
+def llada_generate(lm, prompt: str, gen_length: int, steps: int, block_length: int, frame: str = "open") -> list[int]:
+    return llada_generate_batch(lm, [prompt], gen_length, steps, block_length, frame)[0]
 
 
 @torch.no_grad()
-def llada_generate_batch(lm, prompts: list[str], gen_length: int, steps: int, block_length: int) -> list[list[int]]:
-    """Prompts of equal token length in one batch (LLaDA's generate has no padding)."""
+def llada_generate_batch(
+    lm, prompts: list[str], gen_length: int, steps: int, block_length: int, frame: str = "open"
+) -> list[list[int]]:
+    """Prompts of equal token length in one batch (LLaDA's generate has no padding).
+
+    frame "open" is LLaDA's own canvas, prompt then masks; "closed" adds the encoder's [SEP] after them.
+    """
     prefix, suffix = lm.special_affixes
+    suffix = suffix if frame == "closed" else []
     prompt_ids = [lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     assert len({len(p) for p in prompt_ids}) == 1, "the reference needs prompts of equal token length"
     x = torch.tensor([prefix + p + [lm.mask_id] * gen_length + suffix for p in prompt_ids], device=lm.device)

@@ -1,13 +1,24 @@
 """Discrete diffusion sampling: start from [MASK]s, reveal tokens step by step."""
 
 from diffutron.sampling.canvas import Canvas, generation_canvas, infill_canvas
+from diffutron.sampling.config import SamplingConfig, user_config
 from diffutron.sampling.policies import POLICIES
-from diffutron.sampling.sampler import GenerationResult, SamplingConfig, StepState, denoise, generate, infill
+from diffutron.sampling.sampler import (
+    Denoiser,
+    GenerationResult,
+    RowResult,
+    StepState,
+    denoise,
+    generate,
+    infill,
+)
 
 __all__ = [
     "POLICIES",
     "Canvas",
+    "Denoiser",
     "GenerationResult",
+    "RowResult",
     "SamplingConfig",
     "StepState",
     "denoise",
@@ -15,4 +26,5 @@ __all__ = [
     "generation_canvas",
     "infill",
     "infill_canvas",
+    "user_config",
 ]

@@ -1,7 +1,9 @@
 """The canvas: a batch of token rows holding the fixed tokens (prompt, given text) and the masks to fill.
 
-Generation: `[CLS] prompt [MASK] x max_new_tokens [SEP]`, rows of different prompt lengths padded on
-the right. Infill: the user's text with every `<mask>` (one token) or `<mask*N>` (N tokens) as masks.
+Generation: `[CLS] prompt [MASK] x max_new_tokens [SEP]` (frame "closed": the frame the encoder saw in
+training) or `[CLS] prompt [MASK] x max_new_tokens` (frame "open": LLaDA's and dllm's canvas, which
+ends with the masks), rows of different prompt lengths padded on the right. Infill: the user's text
+with every `<mask>` (one token) or `<mask*N>` (N tokens) as masks.
 Each row records where its generated region starts and how long it is, so that blocks, stopping and
 decoding are tensor operations over the whole batch.
 """
@@ -29,8 +31,11 @@ class Canvas:
     reason: torch.Tensor | None = None
 
 
-def generation_canvas(lm, prompts: list[str], max_new_tokens: int, truncate_prompt: bool = False) -> Canvas:
+def generation_canvas(
+    lm, prompts: list[str], max_new_tokens: int, truncate_prompt: bool = False, frame: str = "closed"
+) -> Canvas:
     prefix, suffix = lm.special_affixes
+    suffix = suffix if frame == "closed" else []
     encoded = lm.tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
     room = lm.context_length - len(prefix) - len(suffix) - max_new_tokens
     if room < 0:

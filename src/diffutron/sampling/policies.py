@@ -6,7 +6,7 @@ Scores (higher = reveal first), from the model's untempered probabilities at the
   * entropy    -- minus the entropy of the position's distribution (Ben-Hamu et al. 2025).
   * random     -- a uniform random order: MDLM's sampler with the schedule's count per step.
 Selection:
-  * top-k per row by score, k from `reveal_counts` (LLaDA, dllm);
+  * top-k per row by score, k from `reveal_count` (LLaDA, dllm);
   * threshold  -- every candidate with confidence >= tau, at least the best one per row
                   (Fast-dLLM parallel decoding, Wu et al. 2025);
   * ancestral  -- each candidate independently with probability (alpha_s - alpha_t) / (1 - alpha_t),
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import torch
 
+from diffutron.sampling.config import POLICIES
 from diffutron.schedules import Schedule
 
-SCORED = ("confidence", "margin", "entropy", "random")
-POLICIES = (*SCORED, "threshold", "ancestral")
 
-
-def scores(policy: str, probs: torch.Tensor, sampled: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Per-candidate reveal scores [N] from probabilities [N, V] and the sampled tokens [N]."""
+def scores(policy: str, probs: torch.Tensor, sampled: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per-candidate reveal scores [N] from probabilities [N, V], the sampled tokens [N] and one uniform
+    number per candidate [N] (the random order of `random` and `ancestral`)."""
     if policy in ("confidence", "threshold"):
         return probs.gather(1, sampled[:, None]).squeeze(1)
     if policy == "margin":
@@ -33,24 +32,27 @@ def scores(policy: str, probs: torch.Tensor, sampled: torch.Tensor, generator: t
     if policy == "entropy":
         return (probs * probs.clamp_min(1e-12).log()).sum(dim=-1)  # = -H: low entropy first
     if policy in ("random", "ancestral"):
-        return torch.rand(probs.shape[0], generator=generator, device=probs.device)
+        return uniforms.to(probs.dtype)
     raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
 
 
-def reveal_counts(num_masked: torch.Tensor, steps: int, schedule: Schedule) -> torch.Tensor:
-    """How many tokens each row reveals at each of `steps` steps: [B, steps], rows summing to num_masked.
+def reveal_count(
+    block_masks: torch.Tensor, step: torch.Tensor, steps: torch.Tensor, schedule: Schedule
+) -> torch.Tensor:
+    """How many tokens each row reveals at its step `step` of `steps` [B], for a block that held
+    `block_masks` masks when it started; over the steps the counts add up to block_masks.
 
     Linear: LLaDA's split, n // steps each and one more in the first n % steps steps. Other schedules:
-    the masks left after step i are round(n * (1 - alpha(t_i))) with t going from 1 to 0.
+    the masks left after step i are round(n * (1 - alpha(t_i))), t_i = 1 - i / steps.
     """
-    step = torch.arange(steps, device=num_masked.device)
     if schedule.name == "linear":
-        base, extra = num_masked // steps, num_masked % steps
-        return base[:, None] + (step[None, :] < extra[:, None]).long()
-    t = 1.0 - torch.arange(steps + 1, device=num_masked.device, dtype=torch.float64) / steps
-    left = torch.round(num_masked[:, None].double() * schedule.mask_prob(t)[None, :]).long()
-    left[:, 0], left[:, -1] = num_masked, 0
-    return left[:, :-1] - left[:, 1:]
+        return block_masks // steps + (step < block_masks % steps).long()
+
+    def left(i: torch.Tensor) -> torch.Tensor:
+        rounded = torch.round(block_masks.double() * schedule.mask_prob(1.0 - i.double() / steps)).long()
+        return torch.where(i <= 0, block_masks, torch.where(i >= steps, 0, rounded))
+
+    return left(step) - left(step + 1)
 
 
 def select_top(row_scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -70,11 +72,14 @@ def select_threshold(row_conf: torch.Tensor, tau: float) -> torch.Tensor:
     return (row_conf >= tau) | forced
 
 
-def select_ancestral(
-    candidates: torch.Tensor, uniforms: torch.Tensor, step: int, steps: int, schedule: Schedule
-) -> torch.Tensor:
-    """bool [B, L]: each candidate revealed with probability (alpha_s - alpha_t) / (1 - alpha_t)."""
-    t = torch.tensor(1.0 - step / steps, dtype=torch.float64)
-    s = torch.tensor(1.0 - (step + 1) / steps, dtype=torch.float64)
-    prob = 1.0 if step == steps - 1 else float((schedule.alpha(s) - schedule.alpha(t)) / (1.0 - schedule.alpha(t)))
-    return candidates & (uniforms < prob)
+def ancestral_prob(step: torch.Tensor, steps: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """[B] the probability (alpha_s - alpha_t) / (1 - alpha_t) that a mask is revealed at this step;
+    1 at the last step, so the block ends full."""
+    t, s = 1.0 - step.double() / steps, 1.0 - (step.double() + 1) / steps
+    prob = (schedule.alpha(s) - schedule.alpha(t)) / (1.0 - schedule.alpha(t))
+    return torch.where(step + 1 >= steps, 1.0, prob)
+
+
+def select_ancestral(candidates: torch.Tensor, uniforms: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: each candidate revealed independently with its row's probability `prob` [B]."""
+    return candidates & (uniforms < prob[:, None])

@@ -1,23 +1,26 @@
-"""The denoising loop: one forward per step over the canvas, the head only at the current block's masks.
+"""The denoising loop: one forward per step over the batch, the head only at each row's current block.
 
-LLaDA's generate (Nie et al. 2025, Alg. 4/5), vectorised over the batch:
+LLaDA's generate (Nie et al. 2025, Alg. 4/5), vectorised over the batch, each row on its own clock:
 
-    for each block of the generated region (semi-autoregressive when block_length < max_new_tokens):
-        for each step of the block:
-            logits   = model(canvas) at the block's masked positions only
-            x0       = argmax (temperature 0) or a sample of softmax(logits / T), top-k / top-p
-            score    = confidence p(x0) | margin | -entropy | random            (policies.py)
-            reveal   = the k best per row (k from the schedule), or >= tau (threshold), or ancestral
-            canvas[reveal] = x0[reveal]
-        rows whose text is settled up to EOS or a stop sequence leave the batch
+    until every row is done:
+        block    = the block of each row's first remaining mask (semi-autoregressive blocks)
+        logits   = model(canvas) at the masks of each row's block only
+        x0       = argmax (greedy) or a draw from softmax(logits / T), top-k / top-p
+        score    = confidence p(x0) | margin | -entropy | random                 (policies.py)
+        reveal   = the k best per row (k from the schedule at the row's step), or >= tau (threshold),
+                   or each mask with probability (alpha_s - alpha_t)/(1 - alpha_t) (ancestral)
+        canvas[reveal] = x0[reveal]
+        rows whose text is settled up to EOS or a stop string, or that are full, leave the batch
 
-Stop sequences are matched on token ids in the settled prefix, never by decoding the canvas.
+Rows keep their own block and step and draw their own random numbers (rng.py), so a row's tokens do
+not depend on the rows beside it: a `Denoiser` can take new rows between steps (a server batching
+requests step by step) and a request gives the same text alone or in company.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,42 +28,13 @@ import torch
 from diffutron.errors import UsageError
 from diffutron.sampling import policies
 from diffutron.sampling.canvas import Canvas, generation_canvas, infill_canvas
+from diffutron.sampling.config import MAX_SEED, SamplingConfig
+from diffutron.sampling.rng import REVEAL_ORDER, TOKEN_DRAW, uniforms
+from diffutron.sampling.text import SettledText
 from diffutron.schedules import get_schedule
 
-
-@dataclass
-class SamplingConfig:
-    steps: int | None = None  # default: one token per step (max_new_tokens, or the number of masks)
-    block_length: int | None = None  # default: the whole generated region as one block
-    policy: str = "confidence"
-    temperature: float = 0.0  # 0: greedy (argmax)
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off (the reference chat settings used 1.2; we never add it silently)
-    threshold: float = 0.9  # tau of the threshold policy
-    cfg_scale: float = 0.0  # classifier-free guidance (LLaDA): 0 is off; the prompt masked is the unconditional
-    schedule: str = "linear"  # how many tokens each step reveals
-    stop: tuple[str, ...] = ()  # stop strings, matched as token ids
-    stop_at_eos: bool = True
-    seed: int = 0
-    truncate_prompt: bool = False  # left-truncate a prompt that does not fit, instead of refusing it
-    history: bool = False  # keep every step's canvas in the result
-
-    def validate(self) -> None:
-        if self.policy not in policies.POLICIES:
-            raise UsageError(f"unknown policy {self.policy!r}: choose one of {', '.join(policies.POLICIES)}")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"steps must be at least 1, got {self.steps}")
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0 or not 0 < self.threshold <= 1:
-            raise UsageError("top-k must be >= 0, repetition penalty > 0 and threshold in (0, 1]")
-        try:
-            get_schedule(self.schedule)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+REASONS = {0: "length", 1: "eos", 2: "stop"}
+_POSITION_BITS = 20  # the random counter of a candidate: (row step << 20) + position
 
 
 @dataclass
@@ -68,44 +42,295 @@ class StepState:
     """What a step did, for streaming: the whole batch's canvas after it."""
 
     step: int
-    block: int
     ids: torch.Tensor  # [B, L] on the model's device, updated in place by the next step: clone it to keep it
     revealed: torch.Tensor  # [B, L] bool, revealed at this step
-    active: torch.Tensor  # [B] bool, rows still being generated
+    active: torch.Tensor  # [B] bool, rows still being generated after this step
+    block: torch.Tensor  # [B] the block each row worked on (-1: the row was already done)
 
 
 @dataclass
 class GenerationResult:
     texts: list[str]  # the generated continuation (generate) or the filled text (infill)
-    token_ids: list[list[int]]  # the tokens of `texts`
-    forward_passes: int  # model calls (one per step for the whole batch; x2 with guidance)
+    token_ids: list[list[int]]  # the tokens of `texts` (with a stop string: the tokens wholly before it)
+    forward_passes: int  # model calls for the batch (one per step; x2 with guidance)
     steps: int
     seconds: float
     new_tokens: int  # tokens generated over all rows
     finished_by: list[str]  # per row: "eos", "stop", or "length"
     history: list[torch.Tensor] = field(default_factory=list)  # per step [B, L] canvases, if asked
+    row_passes: list[int] = field(default_factory=list)  # per row: the forward passes it took part in
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _blocks(canvas: Canvas, block_length: int | None, steps: int | None) -> tuple[int, int, int]:
-    """(number of blocks, block length, steps per block), validated."""
-    span = int(canvas.gen_length.max())
-    block_length = block_length or span
-    if block_length < 1 or span % block_length:
-        raise UsageError(f"block_length {block_length} must divide the generated length {span}")
-    num_blocks = span // block_length
-    steps = steps or span
-    if steps % num_blocks:
-        raise UsageError(f"steps {steps} must be a multiple of the number of blocks {num_blocks}")
-    return num_blocks, block_length, steps // num_blocks
+@dataclass
+class RowResult:
+    """A row that left a Denoiser."""
+
+    key: Hashable
+    ids: torch.Tensor  # [L] its final canvas, on the CPU
+    text: str  # the continuation up to its end (generate) or the whole filled text (infill)
+    token_ids: list[int]  # the tokens of `text`
+    finished_by: str
+    steps: int  # steps the row took part in
 
 
-def _sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """x0 at each candidate: argmax, or a draw from the tempered, top-k / top-p filtered distribution."""
-    if config.temperature == 0:
+@dataclass
+class BatchStep:
+    """One step of a Denoiser: the rows that took part, in batch order."""
+
+    keys: list
+    ids: torch.Tensor  # [R, L'] their canvases after the step
+    revealed: torch.Tensor  # [R, L'] bool
+    block: torch.Tensor  # [R]
+    start: torch.Tensor  # [R] where each row's generated region starts
+    finished: list[RowResult | None]  # per row: its result if it finished at this step
+
+
+class Denoiser:
+    """Rows being denoised together, one forward pass per step; rows join between steps and leave when done.
+
+    All rows share the settings of `config.batch_key()` (policy, temperature, top-k/p, penalty,
+    threshold, guidance, schedule); prompt, length, steps, blocks, seed, stop strings and EOS handling
+    are per row. `mode` is "generate" (rows end at EOS, a stop string, or full length) or "infill"
+    (rows end when every mask is filled).
+    """
+
+    def __init__(self, lm, config: SamplingConfig, mode: str = "generate"):
+        config.validate()
+        self.lm, self.config, self.mode = lm, config, mode
+        self.schedule = get_schedule(config.schedule)
+        self.device = lm.device
+        tokenizer = lm.tokenizer
+        self.vocab = len(tokenizer)  # a model's vocabulary may be padded beyond its tokenizer's
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.banned = torch.tensor([i for i in lm.special_ids if i != self.eos and i < self.vocab], device=self.device)
+        self.specials = torch.tensor(lm.special_ids, device=self.device)
+        self.rows: dict[str, torch.Tensor] = {}  # per-row tensors, first dimension = row
+        self.keys: list = []
+        self.texts: list[SettledText | None] = []
+        self.forward_passes = 0
+        self.steps = 0
+
+    def decode(self, ids: list[int]) -> str:
+        return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    # -- rows joining ---------------------------------------------------------------------------
+    def add(self, canvas: Canvas, config: SamplingConfig, keys: list | None = None, track_text: bool = False) -> list:
+        """Add the rows of `canvas` with their per-row settings from `config` (seed + i for row i).
+
+        `track_text`: decode each row's settled text as it grows (for streaming); always on with stops.
+        """
+        config.validate()
+        if config.batch_key() != self.config.batch_key():
+            raise ValueError("rows with different sampling settings cannot share a batch")
+        n = canvas.ids.shape[0]
+        keys = list(range(len(self.keys), len(self.keys) + n)) if keys is None else list(keys)
+        length = canvas.gen_length.long()
+        block_length = torch.tensor([config.block_length or int(s) for s in length])
+        if (block_length < 1).any() or (length % block_length).any():
+            raise UsageError(f"block_length {config.block_length} must divide the generated length {int(length.max())}")
+        num_blocks = length // block_length
+        steps = torch.tensor([config.steps or int(s) for s in length])
+        if (steps % num_blocks).any():
+            raise UsageError(f"steps {config.steps} must be a multiple of the number of blocks {int(num_blocks.max())}")
+        ids = canvas.ids.to(self.device)
+        attention = canvas.attention_mask.to(self.device)
+        fillable = canvas.fillable.to(self.device)
+        prompt = attention.bool() & ~fillable & ~torch.isin(ids, self.specials)
+        zeros = torch.zeros(n, dtype=torch.long)
+        new = {
+            "ids": ids,
+            "attention": attention,
+            "fillable": fillable,
+            "prompt": prompt,
+            "start": canvas.gen_start.long(),
+            "length": length,
+            "block_length": block_length,
+            "steps_per_block": steps // num_blocks,
+            "block": zeros - 1,
+            "step": zeros,
+            "block_masks": zeros,
+            "row_steps": zeros,
+            "settled": zeros,
+            "seed": (config.seed + torch.arange(n, dtype=torch.long)) % (MAX_SEED + 1),
+            "stop_at_eos": torch.full((n,), config.stop_at_eos),
+            "ban_eos": torch.full((n,), config.ban_eos),
+        }
+        new = {k: v.to(self.device) for k, v in new.items()}
+        if self.rows:
+            width = max(self.rows["ids"].shape[1], ids.shape[1])
+            pad = {"ids": self.lm.pad_id}
+            self.rows = {
+                k: torch.cat([_pad_to(self.rows[k], width, pad.get(k, 0)), _pad_to(v, width, pad.get(k, 0))])
+                for k, v in new.items()
+            }
+        else:
+            self.rows = new
+        self.keys += keys
+        track = track_text or bool(config.stop)
+        self.texts += [SettledText(self.decode, tuple(config.stop)) if track else None for _ in range(n)]
+        return keys
+
+    def cancel(self, keys) -> None:
+        """Drop rows (a client went away) without results."""
+        drop = set(keys)
+        self._keep(torch.tensor([k not in drop for k in self.keys], dtype=torch.bool))
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> BatchStep:
+        r = self.rows
+        x = r["ids"]
+        mask_id = self.lm.mask_id
+        rel = torch.arange(x.shape[1], device=self.device)[None, :] - r["start"][:, None]
+        masked = r["fillable"] & (x == mask_id)
+        first = torch.where(masked, rel, x.shape[1]).min(dim=1).values
+        block = first // r["block_length"]  # blocks before the first mask are full
+        entering = block != r["block"]
+        lo = block * r["block_length"]
+        candidates = masked & (rel >= lo[:, None]) & (rel < (lo + r["block_length"])[:, None])
+        r["step"] = torch.where(entering, 0, r["step"])
+        r["block_masks"] = torch.where(entering, candidates.sum(dim=1), r["block_masks"])
+        r["block"] = block
+
+        logits = self._logits(x, r["attention"], candidates, r["prompt"])[:, : self.vocab].float()
+        cand_rows, cand_pos = candidates.nonzero(as_tuple=True)
+        logits[:, self.banned] = float("-inf")
+        if self.eos is not None and self.eos < self.vocab:
+            logits[:, self.eos] = logits[:, self.eos].masked_fill(r["ban_eos"][cand_rows], float("-inf"))
+        config = self.config
+        if config.repetition_penalty != 1.0:
+            logits = penalise(logits, cand_rows, x, r["prompt"] | (r["fillable"] & ~masked), config.repetition_penalty)
+        counter = (r["row_steps"][cand_rows] << _POSITION_BITS) + cand_pos
+        seeds = r["seed"][cand_rows]
+        sampled = sample_tokens(logits, config, uniforms(seeds, counter, TOKEN_DRAW))
+        order = uniforms(seeds, counter, REVEAL_ORDER)
+        score = policies.scores(config.policy, logits.softmax(dim=-1), sampled, order)
+        row_scores = torch.full(x.shape, float("-inf"), device=self.device)
+        row_scores[candidates] = score
+        if config.policy == "threshold":
+            reveal = policies.select_threshold(row_scores, config.threshold)
+        elif config.policy == "ancestral":
+            row_uniforms = torch.ones(x.shape, dtype=torch.float64, device=self.device)
+            row_uniforms[candidates] = order
+            prob = policies.ancestral_prob(r["step"], r["steps_per_block"], self.schedule)
+            reveal = policies.select_ancestral(candidates, row_uniforms, prob)
+        else:
+            counts = policies.reveal_count(r["block_masks"], r["step"], r["steps_per_block"], self.schedule)
+            last = r["step"] + 1 >= r["steps_per_block"]  # a block ends full whatever the rounding
+            reveal = policies.select_top(row_scores, torch.where(last, candidates.sum(dim=1), counts))
+        proposal = torch.full_like(x, mask_id)
+        proposal[candidates] = sampled
+        r["ids"] = x = torch.where(reveal, proposal, x)
+        r["step"] = r["step"] + 1
+        r["row_steps"] = r["row_steps"] + 1
+        self.steps += 1
+        self.forward_passes += 2 if config.cfg_scale > 0 else 1
+
+        finished = self._finished(x, rel)
+        batch = BatchStep(list(self.keys), x, reveal, block, r["start"], finished)
+        if any(f is not None for f in finished):
+            self._keep(torch.tensor([f is None for f in finished], dtype=torch.bool))
+        return batch
+
+    def _logits(self, x, attention, candidates, prompt) -> torch.Tensor:
+        """Logits at the candidates; with guidance, un + (w + 1)(cond - un), the prompt masked for `un`."""
+        if self.config.cfg_scale <= 0:
+            return self.lm(x, attention, positions=candidates)
+        unconditional = x.masked_fill(prompt, self.lm.mask_id)
+        both = self.lm(
+            torch.cat([x, unconditional]), torch.cat([attention, attention]), positions=torch.cat([candidates] * 2)
+        )
+        cond, uncond = both.chunk(2)
+        return guided(cond, uncond, self.config.cfg_scale)
+
+    # -- rows leaving -------------------------------------------------------------------------
+    def _finished(self, x: torch.Tensor, rel: torch.Tensor) -> list[RowResult | None]:
+        """Per row: its result if it is done after this step."""
+        r = self.rows
+        masked = r["fillable"] & (x == self.lm.mask_id)
+        if self.mode == "infill":
+            done = ~masked.any(dim=1)
+            return [self._result(i, None, 0) if d else None for i, d in enumerate(done.tolist())]
+        big = x.shape[1] + 1
+        length = r["length"]
+        in_region = (rel >= 0) & (rel < length[:, None])
+        first_mask = torch.where(in_region & masked, rel, big).min(dim=1).values.clamp(max=length)
+        eos = in_region & (x == self.eos) & r["stop_at_eos"][:, None]
+        eos_at = torch.where(eos, rel, big).min(dim=1).values
+        settled = torch.minimum(first_mask, eos_at)  # the text is final up to here
+        end = torch.where(eos_at < first_mask, eos_at, torch.where(first_mask >= length, length, -1))
+        reason = torch.where(eos_at < first_mask, 1, 0)
+        end, reason = end.tolist(), reason.tolist()
+        if any(t is not None for t in self.texts):
+            starts, old, new = r["start"].tolist(), r["settled"].tolist(), settled.tolist()
+            for i, text in enumerate(self.texts):
+                if text is not None and new[i] > old[i]:
+                    text.extend(x[i, starts[i] + old[i] : starts[i] + new[i]].tolist())
+                    if text.stop_at is not None:
+                        end[i], reason[i] = text.tokens_before(text.stop_at), 2
+            r["settled"] = settled
+        return [self._result(i, e, why) if e >= 0 else None for i, (e, why) in enumerate(zip(end, reason, strict=True))]
+
+    def _result(self, i: int, end: int | None, reason: int) -> RowResult:
+        r = self.rows
+        ids = r["ids"][i].cpu()
+        if end is None:  # infill: the whole filled text
+            token_ids = ids[r["attention"][i].cpu().bool()].tolist()
+            text = self.decode(token_ids)
+        else:
+            start = int(r["start"][i])
+            token_ids = ids[start : start + end].tolist()
+            tracked = self.texts[i]
+            text = tracked.text[: tracked.stop_at] if reason == 2 else self.decode(token_ids)
+        return RowResult(self.keys[i], ids, text, token_ids, REASONS[reason], int(r["row_steps"][i]))
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        """Keep only the rows where `keep`, and drop padding columns that no row needs any more."""
+        index = keep.nonzero().flatten().tolist()
+        self.keys = [self.keys[i] for i in index]
+        self.texts = [self.texts[i] for i in index]
+        keep = keep.to(self.device)
+        self.rows = {k: v[keep] for k, v in self.rows.items()}
+        if self.keys:
+            width = int(self.rows["attention"].sum(dim=0).nonzero().max()) + 1
+            for k in ("ids", "attention", "fillable", "prompt"):
+                self.rows[k] = self.rows[k][:, :width]
+
+
+def _pad_to(t: torch.Tensor, width: int, value) -> torch.Tensor:
+    if t.dim() < 2 or t.shape[1] == width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance as in LLaDA: uncond + (w + 1)(cond - uncond)."""
+    return uncond + (scale + 1) * (cond - uncond)
+
+
+def penalise(
+    logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL's repetition penalty on the tokens at the `counted` positions of each candidate's row
+    (the prompt's and the generated ones: never the fixed frame, padding or masks)."""
+    vocab = logits.shape[1]
+    present = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+    present.scatter_(1, torch.where(counted, ids.clamp(max=vocab - 1), vocab), True)  # column V: not counted
+    hit = present[rows, :vocab]
+    return torch.where(hit, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def sample_tokens(logits: torch.Tensor, config: SamplingConfig, u: torch.Tensor) -> torch.Tensor:
+    """x0 at each candidate: argmax, or a draw (one uniform `u` each) from the tempered, top-k / top-p
+    filtered distribution."""
+    if config.greedy:
         return logits.argmax(dim=-1)
     logits = logits / config.temperature
     if config.top_k:
@@ -113,16 +338,16 @@ def _sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Gener
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1:
         logits = top_p_filter(logits, config.top_p)
-    return draw(logits.softmax(dim=-1), generator)
+    return draw(logits.softmax(dim=-1), u)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of `probs` [N, V] by inverse CDF: one uniform a row, where Gumbel-max draws
-    one per entry; same distribution as torch.multinomial, 10.7x faster on a CPU for 512 x 16k
-    (benchmarks/sample_draw.py)."""
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` [N, V] by inverse CDF with the row's uniform u [N] in [0, 1):
+    one number a row, where Gumbel-max needs one per entry; same distribution as torch.multinomial,
+    10.7x faster on a CPU for 512 x 16k (benchmarks/sample_draw.py)."""
     cumulative = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cumulative[:, -1:]
-    tokens = torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    target = u.to(cumulative.dtype)[:, None] * cumulative[:, -1:]
+    tokens = torch.searchsorted(cumulative, target, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
     # rounding can land on a zero-probability entry at the very end: take the mode there
     unlucky = probs.gather(1, tokens[:, None]).squeeze(1) == 0
     return torch.where(unlucky, probs.argmax(dim=-1), tokens)
@@ -147,137 +372,52 @@ def top_p_filter(logits: torch.Tensor, p: float, first_k: int = 1024) -> torch.T
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def _penalise(logits: torch.Tensor, rows: torch.Tensor, canvas: torch.Tensor, lm, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty on tokens already in the row's canvas."""
-    present = torch.zeros(canvas.shape[0], logits.shape[1], dtype=torch.bool, device=logits.device)
-    present.scatter_(1, canvas.clamp(max=logits.shape[1] - 1), True)
-    present[:, lm.mask_id] = False
-    hit = present[rows]
-    return torch.where(hit, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+# -- the offline drivers -------------------------------------------------------------------------
+def denoise(lm, canvas: Canvas, config: SamplingConfig, mode: str = "generate") -> Iterator[tuple[StepState, list]]:
+    """Denoise every row of `canvas` (its ids updated in place); yield (state, finished rows) per step."""
+    denoiser = Denoiser(lm, config, mode)
+    denoiser.add(canvas, config)
+    x = canvas.ids.to(lm.device)
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=lm.device)
+    while len(denoiser):
+        batch = denoiser.step()
+        rows = torch.tensor(batch.keys, device=lm.device)
+        width = batch.ids.shape[1]
+        x[rows, :width] = batch.ids
+        revealed = torch.zeros_like(x, dtype=torch.bool)
+        revealed[rows, :width] = batch.revealed
+        block = torch.full((x.shape[0],), -1, device=lm.device)
+        block[rows] = batch.block
+        done = [f for f in batch.finished if f is not None]
+        for result in done:
+            active[result.key] = False
+        yield StepState(denoiser.steps, x, revealed, active, block), done
+    canvas.ids = x.cpu()
 
 
-def _settled_end(x, start, length, lm, stop_ids: list[torch.Tensor], eos: int | None):
-    """Per row: (end of the text relative to start, or -1 if not settled yet; reason 0 length, 1 eos, 2 stop).
-
-    The text is settled up to the first mask of the generated region; EOS or a stop sequence that lies
-    wholly inside the settled prefix ends it.
-    """
-    rel = torch.arange(x.shape[1], device=x.device)[None, :] - start[:, None]
-    in_region = (rel >= 0) & (rel < length[:, None])
-    big = x.shape[1] + 1
-    first_mask = torch.where(in_region & (x == lm.mask_id), rel, big).min(dim=1).values.clamp(max=length)
-    end = torch.full_like(first_mask, big)
-    reason = torch.zeros_like(first_mask)  # 1 eos, 2 stop
-    if eos is not None:
-        eos_at = torch.where(in_region & (x == eos), rel, big).min(dim=1).values
-        hit = eos_at < first_mask
-        end, reason = torch.where(hit, eos_at, end), torch.where(hit, 1, reason)
-    for seq in stop_ids:
-        m = len(seq)
-        if m > x.shape[1]:
-            continue
-        match = (x.unfold(1, m, 1) == seq.to(x.device)).all(dim=-1)  # [B, L - m + 1], match starting at j
-        rel_j = rel[:, : match.shape[1]]
-        ok = match & (rel_j >= 0) & (rel_j + m <= first_mask[:, None])
-        at = torch.where(ok, rel_j, big).min(dim=1).values
-        hit = at < end
-        end, reason = torch.where(hit, at, end), torch.where(hit, 2, reason)
-    done_by_length = first_mask >= length
-    end = torch.where(end < big, end, torch.where(done_by_length, length, -1))
-    return end, reason
-
-
-@torch.no_grad()
-def denoise(lm, canvas: Canvas, config: SamplingConfig, *, stop_checks: bool = True) -> Iterator[StepState]:
-    """Run the loop on `canvas` (modified in place), yielding the state after every step."""
-    config.validate()
-    schedule = get_schedule(config.schedule)
-    num_blocks, block_length, steps_per_block = _blocks(canvas, config.block_length, config.steps)
-    device = lm.device
-    x, attention = canvas.ids.to(device), canvas.attention_mask.to(device)
-    fillable, start, length = canvas.fillable.to(device), canvas.gen_start.to(device), canvas.gen_length.to(device)
-    rel = torch.arange(x.shape[1], device=device)[None, :] - start[:, None]
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    vocab = len(lm.tokenizer)  # a model's vocabulary may be padded beyond its tokenizer's
-    eos = (lm.tokenizer.eos_token_id or lm.tokenizer.sep_token_id) if config.stop_at_eos and stop_checks else None
-    banned = torch.tensor([i for i in lm.special_ids if i != eos and i < vocab], device=device)
-    stop_ids = [torch.tensor(lm.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in config.stop if s]
-    prompt = (rel < 0) & attention.bool() & ~torch.isin(x, torch.tensor(lm.special_ids, device=device))
-    active = torch.ones(x.shape[0], dtype=torch.bool, device=device)
-    end = torch.full((x.shape[0],), -1, device=device)
-    reason = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-    step_number = 0
-    for block in range(num_blocks):
-        in_block = fillable & (rel >= block * block_length) & (rel < (block + 1) * block_length)
-        counts = policies.reveal_counts((in_block & (x == lm.mask_id)).sum(dim=1), steps_per_block, schedule)
-        # the threshold policy runs until the block is full, at least one token per step
-        max_steps = block_length if config.policy == "threshold" else steps_per_block
-        for step in range(max_steps):
-            rows = active.nonzero().flatten()
-            xa = x[rows]
-            candidates = in_block[rows] & (xa == lm.mask_id)
-            if not candidates.any():
-                break
-            logits = _logits(lm, xa, attention[rows], candidates, prompt[rows], config)[:, :vocab].float()
-            logits[:, banned] = float("-inf")
-            cand_rows = candidates.nonzero(as_tuple=True)[0]
-            if config.repetition_penalty != 1.0:
-                logits = _penalise(logits, cand_rows, xa, lm, config.repetition_penalty)
-            sampled = _sample(logits, config, generator)
-            probs = logits.softmax(dim=-1)
-            score = policies.scores(config.policy, probs, sampled, generator)
-            row_scores = torch.full(xa.shape, float("-inf"), device=device)
-            row_scores[candidates] = score
-            if config.policy == "threshold":
-                reveal = policies.select_threshold(row_scores, config.threshold)
-            elif config.policy == "ancestral":
-                reveal = policies.select_ancestral(candidates, row_scores, step, steps_per_block, schedule)
-            else:
-                reveal = policies.select_top(row_scores, counts[rows, step])
-            proposal = torch.full_like(xa, lm.mask_id)
-            proposal[candidates] = sampled
-            xa = torch.where(reveal, proposal, xa)
-            x[rows] = xa
-            step_number += 1
-            revealed = torch.zeros_like(x, dtype=torch.bool)
-            revealed[rows] = reveal
-            if stop_checks:
-                row_end, row_reason = _settled_end(xa, start[rows], length[rows], lm, stop_ids, eos)
-                finished = row_end >= 0
-                end[rows[finished]], reason[rows[finished]] = row_end[finished], row_reason[finished]
-            else:
-                finished = ~(fillable[rows] & (xa == lm.mask_id)).any(dim=1)
-            active[rows[finished]] = False
-            yield StepState(step_number, block, x, revealed, active)
-            if not active.any():
-                break
-    canvas.ids, canvas.end, canvas.reason = x.cpu(), end.cpu(), reason.cpu()
-
-
-def _logits(lm, xa, attention, candidates, prompt, config: SamplingConfig) -> torch.Tensor:
-    """Logits at the candidates; with guidance, un + (w + 1)(cond - un), the prompt masked for `un`."""
-    if config.cfg_scale <= 0:
-        return lm(xa, attention, positions=candidates)
-    unconditional = xa.masked_fill(prompt, lm.mask_id)
-    both = lm(
-        torch.cat([xa, unconditional]), torch.cat([attention, attention]), positions=torch.cat([candidates, candidates])
-    )
-    cond, uncond = both.chunk(2)
-    return uncond + (config.cfg_scale + 1) * (cond - uncond)
-
-
-def _run(
-    lm, canvas: Canvas, config: SamplingConfig, callback, stop_checks: bool
-) -> tuple[list[torch.Tensor], int, float]:
-    history, steps = [], 0
-    started = time.perf_counter()
-    for state in denoise(lm, canvas, config, stop_checks=stop_checks):
+def _run(lm, canvas: Canvas, config: SamplingConfig, callback, mode: str, started: float) -> GenerationResult:
+    results, history, steps = {}, [], 0
+    for state, done in denoise(lm, canvas, config, mode):
         steps = state.step
+        results.update((r.key, r) for r in done)
         if config.history:
             history.append(state.ids.to("cpu", copy=True))
         if callback:
             callback(state)
-    return history, steps, time.perf_counter() - started
+    rows = [results[i] for i in range(canvas.ids.shape[0])]
+    multiplier = 2 if config.cfg_scale > 0 else 1
+    new_tokens = int(canvas.fillable.sum()) if mode == "infill" else sum(len(r.token_ids) for r in rows)
+    return GenerationResult(
+        texts=[r.text for r in rows],
+        token_ids=[r.token_ids for r in rows],
+        forward_passes=steps * multiplier,
+        steps=steps,
+        seconds=time.perf_counter() - started,
+        new_tokens=new_tokens,
+        finished_by=[r.finished_by for r in rows],
+        history=history,
+        row_passes=[r.steps * multiplier for r in rows],
+    )
 
 
 def generate(
@@ -291,26 +431,17 @@ def generate(
     """Continue each prompt ("" for unconditional) by `max_new_tokens` tokens, or fewer if it stops.
 
     Options are SamplingConfig fields: steps, block_length, policy, temperature, top_k, top_p,
-    repetition_penalty, threshold, cfg_scale, schedule, stop, stop_at_eos, seed, truncate_prompt, history.
+    repetition_penalty, threshold, cfg_scale, schedule, stop, stop_at_eos, ban_eos, frame, seed,
+    truncate_prompt, history. Row i draws with seed + i.
     """
+    started = time.perf_counter()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     config = config or SamplingConfig(**options)
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     config.validate()
-    canvas = generation_canvas(lm, prompts, max_new_tokens, truncate_prompt=config.truncate_prompt)
-    multiplier = 2 if config.cfg_scale > 0 else 1
-    history, steps, seconds = _run(lm, canvas, config, callback, stop_checks=True)
-    token_ids, reasons = [], []
-    for row in range(len(prompts)):
-        end = int(canvas.end[row]) if canvas.end[row] >= 0 else max_new_tokens
-        start = int(canvas.gen_start[row])
-        token_ids.append(canvas.ids[row, start : start + end].tolist())
-        reasons.append({1: "eos", 2: "stop"}.get(int(canvas.reason[row]), "length"))
-    texts = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-    return GenerationResult(
-        texts, token_ids, steps * multiplier, steps, seconds, sum(len(t) for t in token_ids), reasons, history
-    )
+    canvas = generation_canvas(lm, prompts, max_new_tokens, truncate_prompt=config.truncate_prompt, frame=config.frame)
+    return _run(lm, canvas, config, callback, "generate", started)
 
 
 def infill(
@@ -320,24 +451,15 @@ def infill(
     callback: Callable[[StepState], None] | None = None,
     **options,
 ) -> GenerationResult:
-    """Fill every `<mask>` (one token) / `<mask*N>` (N tokens) of each text jointly; given tokens never change."""
+    """Fill every `<mask>` (one token) / `<mask*N>` (N tokens) of each text jointly; given tokens never change.
+
+    The masks of a row form one block; `steps` defaults to the most masks of a row.
+    """
+    started = time.perf_counter()
     texts = [texts] if isinstance(texts, str) else list(texts)
     config = config or SamplingConfig(**options)
     config.validate()
     canvas = infill_canvas(lm, texts)
-    steps = config.steps or int(canvas.fillable.sum(dim=1).max())
+    steps = config.steps or int(canvas.fillable.sum(dim=1).max())  # one token per step for the longest row
     config = SamplingConfig(**{**config.__dict__, "steps": steps, "block_length": None})
-    history, steps_run, seconds = _run(lm, canvas, config, callback, stop_checks=False)
-    token_ids = [canvas.ids[row][canvas.attention_mask[row].bool()].tolist() for row in range(len(texts))]
-    filled = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-    new_tokens = int(canvas.fillable.sum())
-    return GenerationResult(
-        filled,
-        token_ids,
-        steps_run * (2 if config.cfg_scale > 0 else 1),
-        steps_run,
-        seconds,
-        new_tokens,
-        ["length"] * len(texts),
-        history,
-    )
+    return _run(lm, canvas, config, callback, "infill", started)
