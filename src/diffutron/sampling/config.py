@@ -16,6 +16,7 @@ from diffutron.errors import UsageError
 # Torch-free on purpose: the CLI reads defaults and names from here for its --help.
 POLICIES = ("confidence", "margin", "entropy", "random", "threshold", "ancestral")
 FRAMES = ("closed", "open")
+CACHES = ("none", "prefix", "dual")
 MAX_SEED = 2**63 - 1  # seeds are int64 (rng.py)
 # A temperature this small would overflow logits / T: it means greedy.
 GREEDY_BELOW = 1e-4
@@ -39,6 +40,9 @@ class SamplingConfig:
     # generation canvas: "closed" = [CLS] prompt masks [SEP], the frame the encoder saw in training;
     # "open" = [CLS] prompt masks, LLaDA's and dllm's canvas (ends with the masks)
     frame: str = "closed"
+    # approximate key/value caching of the encoder (sampling/cache.py): "none" is the exact sampler
+    cache: str = "none"
+    refresh_every: int | None = None  # steps between full refreshes of the cache (and at every block start)
     seed: int = 0  # row i of a call uses seed + i; see rng.py
     truncate_prompt: bool = False  # left-truncate a prompt that does not fit, instead of refusing it
     history: bool = False  # keep every step's canvas in the result
@@ -61,7 +65,9 @@ class SamplingConfig:
             raise UsageError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.frame not in FRAMES:
             raise UsageError(f"unknown frame {self.frame!r}: choose one of {', '.join(FRAMES)}")
-        for name in ("steps", "block_length"):
+        if self.cache not in CACHES:
+            raise UsageError(f"unknown cache {self.cache!r}: choose one of {', '.join(CACHES)}")
+        for name in ("steps", "block_length", "refresh_every"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
@@ -92,6 +98,8 @@ class SamplingConfig:
             self.threshold,
             self.cfg_scale,
             self.schedule,
+            self.cache,
+            self.refresh_every,
         )
 
 
