@@ -56,7 +56,8 @@ def cloze_items(docs, words: list[str], rank: dict[str, int], rng: random.Random
             if not 8 <= len(sentence.split()) <= 40:
                 continue
             matches = [m for m in WORD.finditer(sentence) if candidate(m.group()) and m.group() in rank]
-            matches = [m for m in matches if len(sentence[: m.start()].split()) >= 4]  # some context first
+            # a whole word after a space (the harness joins context and choice with one), some context first
+            matches = [m for m in matches if sentence[m.start() - 1] == " " and len(sentence[: m.start()].split()) >= 4]
             if not matches:
                 continue
             target = rng.choice(matches)
@@ -68,7 +69,7 @@ def cloze_items(docs, words: list[str], rank: dict[str, int], rng: random.Random
                 continue
             choices = [word] + rng.sample(pool, 3)
             rng.shuffle(choices)
-            context = sentence[: target.start()].rstrip()
+            context = sentence[: target.start() - 1]
             items.append(
                 {"id": f"{doc.id}-{number}", "context": context, "choices": choices, "label": choices.index(word)}
             )
