@@ -16,11 +16,12 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from diffutron.harness import HarnessModel, cut_at_stops, encode_pair, load  # noqa: E402
+from diffutron.harness import HarnessModel, cut_at_stops, load  # noqa: E402
 from diffutron.likelihood import (  # noqa: E402
     continuation_logprobs,
     draw_masks,
     elbo,
+    encode_pair,
     greedy_decodes,
     mask_generator,
 )

@@ -9,10 +9,8 @@
 - loglikelihood_rolling: the ELBO bound of each document, cut into windows of the model's context.
 - generate_until: diffutron's sampler, the task's stop strings cut on the text, max_gen_toks.
 
-The continuation's tokens are those of the continuation *in context* (`encode_pair`), never the
-tokenizer's end token: research harnesses take `tokenizer(context + continuation)[len(tokenizer(context)):]`,
-which for a [CLS] ... [SEP] tokenizer drops the continuation's first token and scores [SEP] instead, so
-one-letter answers (" A" .. " D") all get the same score.
+The continuation's tokens are those of the continuation *in context* (likelihood.encode_pair), never
+the tokenizer's end token.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import logging
 from collections.abc import Iterable
 
 from diffutron.errors import DiffutronError, UsageError
+from diffutron.likelihood import encode_pair
 
 try:
     from lm_eval.api.model import LM
@@ -30,20 +29,6 @@ except ImportError as err:  # the optional extra
     raise DiffutronError("the lm-evaluation-harness is not installed: pip install 'diffutron[eval]'") from err
 
 logger = logging.getLogger(__name__)
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids), no special tokens: the tokens of `context + continuation`, split
-    where the context's own tokens stop matching. A token that straddles the boundary belongs to the
-    continuation, so the continuation is never empty while it has text, and nothing outside it is scored."""
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    alone = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    split = 0
-    while split < min(len(whole), len(alone)) and whole[split] == alone[split]:
-        split += 1
-    if split == len(whole) and continuation:  # the tokenizer merged the continuation into the context's last token
-        split = max(split - 1, 0)
-    return whole[:split], whole[split:]
 
 
 def _sampling_fields() -> set[str]:

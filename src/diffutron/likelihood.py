@@ -43,18 +43,44 @@ def draw_masks(length: int, samples: int, generator: torch.Generator) -> torch.T
     return ranks < counts[:, None]
 
 
-def elbo(token_logprobs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The estimate from [S, L] log p(c_i | ...) (read only where masked) and the masks [S, L]:
-    mean over samples of (L / l_n) * sum of the masked tokens' log-probabilities."""
+def sample_terms(token_logprobs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[S]: each sample's (L / l_n) * sum of its masked tokens' log-probabilities, from [S, L] log p(c_i | ...)
+    (read only where masked) and the masks [S, L]."""
     length = masks.shape[1]
     weights = length / masks.sum(dim=1).to(token_logprobs.dtype)
-    return (token_logprobs.masked_fill(~masks, 0).sum(dim=1) * weights).mean()
+    return token_logprobs.masked_fill(~masks, 0).sum(dim=1) * weights
+
+
+def elbo(token_logprobs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The estimate: the mean of the samples' terms."""
+    return sample_terms(token_logprobs, masks).mean()
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), no special tokens: the tokens of `context + continuation`, split
+    where the context's own tokens stop matching. A token that straddles the boundary belongs to the
+    continuation, so the continuation is never empty while it has text, and nothing outside it is scored.
+
+    Research harnesses (dllm, LLaDA) take `tokenizer(context + continuation)[len(tokenizer(context)):]`
+    with the special tokens: for a [CLS] ... [SEP] tokenizer that drops the continuation's first token
+    and scores [SEP] instead, so one-letter answers (" A" .. " D") all get the same score."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    alone = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    split = 0
+    while split < min(len(whole), len(alone)) and whole[split] == alone[split]:
+        split += 1
+    if split == len(whole) and continuation:  # the tokenizer merged the continuation into the context's last token
+        split = max(split - 1, 0)
+    return whole[:split], whole[split:]
 
 
 @dataclass
 class Scored:
     logprob: float
     greedy: bool  # argmax at the one masked token (L = 1), or the sequential greedy check when asked
+    # Monte Carlo standard error, as if the samples were independent (stratified ones vary less: an
+    # upper bound); 0 where the value is exact (L = 1)
+    stderr: float = 0.0
 
 
 def fit(context: list[int], continuation: list[int], room: int) -> tuple[list[int], list[int]]:
@@ -146,9 +172,15 @@ def continuation_logprobs(
         longer = [r for r, m in enumerate(masks) if m is not None and m.shape[1] > 1]
         for r, ok in zip(longer, greedy_decodes(lm, [pairs[r] for r in longer], batch_size), strict=True):
             greedy[r] = ok
-    return [
-        Scored(float(elbo(logps[r], masks[r])) if masks[r] is not None else 0.0, greedy[r]) for r in range(len(pairs))
-    ]
+    scored = []
+    for r, m in enumerate(masks):
+        if m is None:  # an empty continuation: log 1
+            scored.append(Scored(0.0, True))
+            continue
+        terms = sample_terms(logps[r], m)
+        stderr = float(terms.std() / len(terms) ** 0.5) if len(terms) > 1 else 0.0
+        scored.append(Scored(float(terms.mean()), greedy[r], stderr))
+    return scored
 
 
 def _masked_logprobs(lm, ids, attention, positions, flat, targets, chunk: int):
