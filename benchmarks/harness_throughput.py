@@ -14,7 +14,7 @@ loss divided by p_mask. diffutron: every request and sample batched together, id
 once, exact single forward for one-token choices, the head only at masked positions.
 
 Both estimate the same quantity; they must agree within their Monte Carlo error (|z| per request).
-Random weights (seeded), fp32, CPU. The last line of --json is one JSON object.
+Random weights (seeded), fp32, CPU (or --device cuda). The last line of --json is one JSON object.
 """
 
 from __future__ import annotations
@@ -55,15 +55,16 @@ def _forward_process(batch, prompt_index, target_len, mask_id, tail):
 @torch.no_grad()
 def reference_loglikelihood(model, mask_id, prefix, target, suffix, mc_num, batch_size):
     """(estimate, standard error over its rows): dllm's _get_loglikelihood, one request."""
-    seq = torch.tensor(prefix + target + suffix)[None, :].repeat((batch_size, 1))
-    prompt_index = torch.arange(seq.shape[1]) < len(prefix)
+    device = next(model.parameters()).device
+    seq = torch.tensor(prefix + target + suffix)[None, :].repeat((batch_size, 1)).to(device)
+    prompt_index = torch.arange(seq.shape[1], device=device) < len(prefix)
     loss_acc, rows = [], []
     for _ in range(mc_num // batch_size):
         perturbed_seq, p_mask = _forward_process(seq, prompt_index, len(target), mask_id, len(suffix))
         mask_indices = perturbed_seq == mask_id
         logits = model(input_ids=perturbed_seq).logits
         loss = F.cross_entropy(logits[mask_indices], seq[mask_indices], reduction="none") / p_mask[mask_indices]
-        rows.append(torch.zeros(batch_size).index_add_(0, mask_indices.nonzero()[:, 0], loss))  # per-row (for z)
+        rows.append(torch.zeros(batch_size, device=device).index_add_(0, mask_indices.nonzero()[:, 0], loss))  # for z
         loss = loss.sum() / batch_size
         loss_acc.append(loss.item())
     per_row = -torch.cat(rows)
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--mc-num", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward (dllm's default 32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     from diffutron.likelihood import continuation_logprobs
@@ -139,7 +141,7 @@ def main() -> None:
 
     if args.mc_num % min(args.batch_size, args.mc_num):
         raise SystemExit("--mc-num must be a multiple of --batch-size (dllm's harness asserts it)")
-    lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device="cpu", dtype=torch.float32, seed=0)
+    lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device=args.device, dtype=torch.float32, seed=0)
     prefix, suffix = lm.special_affixes
     cloze = requests(lm, args.questions, multi_token=False)
     multi = requests(lm, args.multi_token_questions, multi_token=True)
@@ -159,6 +161,7 @@ def main() -> None:
         "seconds_fast": seconds_fast,
         "speedup": seconds_reference / seconds_fast,
         **{f"{name}_{key}": value for name, part in parts.items() for key, value in part.items()},
+        "device": torch.cuda.get_device_name() if lm.device.type == "cuda" else "cpu",
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
     }
