@@ -75,13 +75,14 @@ def test_estimate_matches_slow_reference_on_the_same_masks(lm):
         (ids(lm, "Bugün hava çok"), ids(lm, " güzel")),  # a duplicate request
         ([], ids(lm, "Muhterem efendiler, bu dakikada müteşekkirim.")),  # no context
         (ids(lm, "Bugün hava çok"), ids(lm, " kötü ve soğuk")),
+        ([lm.mask_id] + ids(lm, " hava çok"), ids(lm, " güzel")),  # a literal mask in the context is not scored
     ]
     scores = continuation_logprobs(lm, pairs, mc_num=6, seed=3, batch_size=5, head_chunk=7)
     for (context, continuation), score in zip(pairs, scores, strict=True):
         masks = draw_masks(len(continuation), 6, mask_generator(3, len(continuation)))
         assert score.logprob == pytest.approx(reference_logprob(lm, context, continuation, masks), abs=1e-4)
     # deterministic for a seed, whatever the batch size; another seed draws other masks
-    again = continuation_logprobs(lm, pairs, mc_num=6, seed=3, batch_size=64)
+    again = continuation_logprobs(lm, pairs, mc_num=6, seed=3, batch_size=64, max_rows=7)
     assert [s.logprob for s in again] == pytest.approx([s.logprob for s in scores], abs=1e-5)
     other = continuation_logprobs(lm, pairs[:1], mc_num=6, seed=4)
     assert other[0].logprob != pytest.approx(scores[0].logprob, abs=1e-5)

@@ -104,68 +104,33 @@ def continuation_logprobs(
     seed: int = 0,
     batch_size: int = 32,
     head_chunk: int = 512,
+    max_rows: int = 8192,
     check_greedy: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Scored]:
     """Score (context ids, continuation ids) pairs (no special tokens): the ELBO estimate of each.
 
     `batch_size` counts rows (a request contributes up to `mc_num` of them); `head_chunk` bounds the
-    positions whose [chunk, vocab] logits exist at once.
+    positions whose [chunk, vocab] logits exist at once; requests are taken `max_rows` rows at a time
+    (consecutive requests, so a question's choices share their identical rows).
     """
     prefix, suffix = lm.special_affixes
     room = lm.context_length - len(prefix) - len(suffix)
     pairs = [fit(list(c), list(x), room) for c, x in pairs]
     masks = [draw_masks(len(x), mc_num, mask_generator(seed, len(x))) if x else None for _, x in pairs]
-
-    # unique noisy rows, and for each (request, sample) the row it reads
-    rows: dict[tuple[int, ...], int] = {}
-    row_ids: list[list[int]] = []
-    readers: list[list[tuple[int, int]]] = []  # per unique row: (request, sample)
-    for r, ((context, continuation), m) in enumerate(zip(pairs, masks, strict=True)):
-        if m is None:
-            continue
-        start = len(prefix) + len(context)
-        clean = torch.tensor(prefix + context + continuation + suffix)
-        for n in range(m.shape[0]):
-            noisy = clean.clone()
-            noisy[start : start + len(continuation)][m[n]] = lm.mask_id
-            key = tuple(noisy.tolist())
-            if key not in rows:
-                rows[key] = len(row_ids)
-                row_ids.append(list(key))
-                readers.append([])
-            readers[rows[key]].append((r, n))
-
     logps = [torch.zeros(m.shape, dtype=torch.float64) if m is not None else None for m in masks]
     top = [torch.zeros(m.shape, dtype=torch.bool) if m is not None else None for m in masks]
-    order = sorted(range(len(row_ids)), key=lambda u: -len(row_ids[u]))  # less padding per batch
-    for b in range(0, len(order), batch_size):
-        batch = order[b : b + batch_size]
-        length = len(row_ids[batch[0]])
-        ids = torch.full((len(batch), length), lm.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, u in enumerate(batch):
-            ids[i, : len(row_ids[u])] = torch.tensor(row_ids[u])
-            attention[i, : len(row_ids[u])] = 1
-        positions = ids == lm.mask_id
-        # queries: (flat index among the batch's masked positions, target, request, sample, token index)
-        flat, targets, where = [], [], []
-        offset = 0
-        for i, u in enumerate(batch):
-            count = int(positions[i].sum())
-            for r, n in readers[u]:
-                context, continuation = pairs[r]
-                tokens = masks[r][n].nonzero().flatten()
-                flat.append(torch.arange(offset, offset + count))
-                targets.append(torch.tensor(continuation)[tokens])
-                where += [(r, n, int(t)) for t in tokens]
-            offset += count
-        flat, targets = torch.cat(flat), torch.cat(targets)
-        logp, is_top = _masked_logprobs(lm, ids, attention, positions, flat, targets, head_chunk)
-        for (r, n, t), value, best in zip(where, logp.tolist(), is_top.tolist(), strict=True):
-            logps[r][n, t], top[r][n, t] = value, best
-        if progress:
-            progress(min(b + batch_size, len(order)), len(order))
+    total, done, group, rows_in_group = sum(m.shape[0] for m in masks if m is not None), 0, [], 0
+    for r, m in enumerate(masks):
+        if m is not None:
+            group.append(r)
+            rows_in_group += m.shape[0]
+        if group and (rows_in_group >= max_rows or r == len(masks) - 1):
+            for read in _score_group(lm, pairs, masks, group, logps, top, batch_size, head_chunk):
+                done += read
+                if progress:
+                    progress(done, total)
+            group, rows_in_group = [], 0
 
     greedy = [bool(m is not None and m.shape[1] == 1 and top[r][0, 0]) for r, m in enumerate(masks)]
     if check_greedy:
@@ -181,6 +146,57 @@ def continuation_logprobs(
         stderr = float(terms.std() / len(terms) ** 0.5) if len(terms) > 1 else 0.0
         scored.append(Scored(float(terms.mean()), greedy[r], stderr))
     return scored
+
+
+def _score_group(lm, pairs, masks, group, logps, top, batch_size: int, head_chunk: int):
+    """Fill logps / top for the requests of `group`; yields the (request, sample) rows read per batch."""
+    prefix, suffix = lm.special_affixes
+    # unique noisy rows, each with its masked positions and the (request, sample) pairs that read it
+    rows: dict[tuple[int, ...], int] = {}
+    row_ids: list[list[int]] = []
+    row_masked: list[list[int]] = []
+    readers: list[list[tuple[int, int]]] = []
+    for r in group:
+        context, continuation = pairs[r]
+        start = len(prefix) + len(context)
+        clean = torch.tensor(prefix + context + continuation + suffix)
+        for n, m in enumerate(masks[r]):
+            noisy = clean.clone()
+            noisy[start : start + len(continuation)][m] = lm.mask_id
+            key = tuple(noisy.tolist())
+            if key not in rows:
+                rows[key] = len(row_ids)
+                row_ids.append(list(key))
+                row_masked.append((m.nonzero().flatten() + start).tolist())
+                readers.append([])
+            readers[rows[key]].append((r, n))
+    order = sorted(range(len(row_ids)), key=lambda u: -len(row_ids[u]))  # less padding per batch
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        length = len(row_ids[batch[0]])
+        ids = torch.full((len(batch), length), lm.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        positions = torch.zeros_like(ids, dtype=torch.bool)
+        for i, u in enumerate(batch):
+            ids[i, : len(row_ids[u])] = torch.tensor(row_ids[u])
+            attention[i, : len(row_ids[u])] = 1
+            positions[i, row_masked[u]] = True
+        # queries: (flat index among the batch's masked positions, target) for each (request, sample, token)
+        flat, targets, where = [], [], []
+        offset = 0
+        for u in batch:
+            count = len(row_masked[u])
+            for r, n in readers[u]:
+                tokens = masks[r][n].nonzero().flatten()
+                flat.append(torch.arange(offset, offset + count))
+                targets.append(torch.tensor(pairs[r][1])[tokens])
+                where += [(r, n, int(t)) for t in tokens]
+            offset += count
+        flat, targets = torch.cat(flat), torch.cat(targets)
+        logp, is_top = _masked_logprobs(lm, ids, attention, positions, flat, targets, head_chunk)
+        for (r, n, t), value, best in zip(where, logp.tolist(), is_top.tolist(), strict=True):
+            logps[r][n, t], top[r][n, t] = value, best
+        yield sum(len(readers[u]) for u in batch)
 
 
 def _masked_logprobs(lm, ids, attention, positions, flat, targets, chunk: int):
