@@ -3,10 +3,11 @@
     python benchmarks/generate.py [--json] [--preset mmbert-base] [--batches 2,1]
 
 16-token prompts from the held-out split, 64 new tokens, 64 steps, blocks of 32, greedy `confidence`
-policy (LLaDA's low-confidence remasking). The reference (tests/reference_sampler.py) runs the full
+policy (LLaDA's low-confidence remasking), on LLaDA's own canvas (frame "open": prompt then masks; `--frame
+closed` puts the encoder's [SEP] after the masks in both). The reference (tests/reference_sampler.py) runs the full
 model -- the 256k-vocabulary decoder at every position -- on the whole canvas each step and a per-row
 top-k; ours runs the head only at the current block's masks. Same weights, same prompts; tokens must
-be identical. The last line of --json is one JSON object.
+be identical. With --json, stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--frame", default="open", choices=["open", "closed"])
     args = parser.parse_args()
 
     import torch
@@ -54,7 +56,7 @@ def main() -> None:
     from diffutron.sampling import generate
 
     lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device="cpu", dtype=torch.float32, seed=0)
-    shape = dict(gen_length=args.new_tokens, steps=args.steps, block_length=args.block_length)
+    shape = dict(gen_length=args.new_tokens, steps=args.steps, block_length=args.block_length, frame=args.frame)
     runs = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_of_length(lm, batch, args.prompt_tokens)
@@ -68,6 +70,7 @@ def main() -> None:
             block_length=args.block_length,
             policy="confidence",
             stop_at_eos=False,
+            frame=args.frame,
         )
         fast_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -90,7 +93,8 @@ def main() -> None:
         print(
             f"batch {batch}: sampler {r['tokens_per_s_fast']:.2f} tok/s ({fast_s:.1f} s), reference "
             f"{r['tokens_per_s_reference']:.2f} tok/s ({ref_s:.1f} s): {r['speedup']:.2f}x, "
-            f"identical tokens: {r['identical_tokens']}"
+            f"identical tokens: {r['identical_tokens']}",
+            file=sys.stderr if args.json else sys.stdout,  # with --json, stdout is the JSON object only
         )
     first = runs[0]
     summary = {
@@ -102,6 +106,7 @@ def main() -> None:
         "runs": runs,
         "preset": args.preset,
         "threads": torch.get_num_threads(),
+        "frame": args.frame,
         "shape": f"{args.prompt_tokens}+{args.new_tokens} tokens, {args.steps} steps, block {args.block_length}",
     }
     if args.json:

@@ -86,7 +86,7 @@ def main() -> None:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>28}: {value}")
+            print(f"{key:>28}: {value}")  # without --json only: stdout is one JSON object with it
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Sampling policies on the shipped tiny Diffutron: forward passes per token, speed, and quality.
+"""Sampling policies and canvas frames on the shipped tiny Diffutron: passes per token, speed, quality, stopping.
 
-    python benchmarks/sampling_quality.py [--json] [--model PATH] [--prompts 16] [--new-tokens 32]
-        [--temperature 0] [--top-p 1] [--repetition-penalty 1]
+    python benchmarks/sampling_quality.py [--json] [--model PATH] [--prompts 32] [--new-tokens 32]
+        [--frames closed,open] [--temperature 0] [--top-p 1] [--repetition-penalty 1] [--seeds 1]
 
-Forward passes per token count each prompt's own passes (rows leave the batch when full). Quality
-is judged without the model itself: the perplexity of the generated tokens under an
-interpolated trigram model of the bundled train split (same tokenizer), and distinct-2 / the share
-of repeated tokens within a sample. Prompts are the first 8 tokens of held-out documents; the same
-sampling settings (greedy by default) for every policy, seed 0, one block, steps = new tokens (the
-threshold policy takes as many steps as it needs). The last line of --json is one JSON object.
+Prompts are the first 8 tokens of held-out documents that have at least 8 + new-tokens tokens.
+Quality is judged without the model itself, by an interpolated trigram model of the bundled train
+split (same tokenizer): the perplexity of the generated continuations, and of the documents' own
+held-out continuations of the same length after the same prompts, scored the same way (the
+comparable reference); the standard error is over prompts (and seeds). Also distinct-2 and the share
+of repeated tokens within a sample, and forward passes per token (each prompt's own passes: rows leave
+the batch when done). Quality runs generate the full length (EOS banned); a second run per setting
+lets rows stop at EOS and reports how often they do, how long the texts are, and how often the text
+ends with "." (the closed frame puts [SEP] right after the masks, which may pull a "." before it).
+The last line of --json is one JSON object.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
+import sys
 import time
 from collections import Counter
 
@@ -55,92 +61,115 @@ class TrigramModel:
         w3, w2, w1 = self.weights
         return w3 * p3 + w2 * p2 + w1 * p1
 
-    def perplexity(self, contexts: list[list[int]], continuations: list[list[int]]) -> float:
-        nll, n = 0.0, 0
-        for context, tokens in zip(contexts, continuations, strict=True):
-            seq = context + tokens
-            for i in range(len(context), len(seq)):
-                nll -= math.log(self.prob(seq[i - 2] if i >= 2 else -1, seq[i - 1], seq[i]))
-                n += 1
-        return math.exp(nll / max(n, 1))
+    def nll(self, context: list[int], tokens: list[int]) -> float:
+        """Mean negative log-likelihood per token of `tokens` after `context`."""
+        seq = context + tokens
+        total = -sum(
+            math.log(self.prob(seq[i - 2] if i >= 2 else -1, seq[i - 1], seq[i])) for i in range(len(context), len(seq))
+        )
+        return total / max(len(tokens), 1)
+
+
+def ppl_with_stderr(nlls: list[float]) -> tuple[float, float]:
+    """exp(mean per-sample NLL) and its standard error (delta method) over samples."""
+    mean = statistics.fmean(nlls)
+    se = statistics.stdev(nlls) / math.sqrt(len(nlls)) if len(nlls) > 1 else 0.0
+    return math.exp(mean), math.exp(mean) * se
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--model", default=None, help="default: the shipped tiny Diffutron")
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--frames", default="closed,open")
+    parser.add_argument("--policies", default=None, help="comma-separated subset, e.g. confidence,threshold")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt (useful with a temperature)")
     args = parser.parse_args()
+    say = lambda line: print(line, file=sys.stderr if args.json else sys.stdout)  # noqa: E731 -- stdout: JSON only
 
     from diffutron.assets import shipped_model
     from diffutron.data import bundled_documents
     from diffutron.model import DiffusionLM
-    from diffutron.sampling import generate
+    from diffutron.sampling import SamplingConfig, generate
 
     lm = DiffusionLM.from_pretrained(args.model or str(shipped_model("tiny-diffutron")), device="cpu")
     tok = lm.tokenizer
     train_ids = tok([d.text for d in bundled_documents("train")], add_special_tokens=False, verbose=False)["input_ids"]
     ngram = TrigramModel(train_ids, len(tok))
-    heldout = [d.text for d in bundled_documents("heldout")]
-    contexts = [ids[:8] for ids in tok(heldout, add_special_tokens=False, verbose=False)["input_ids"] if len(ids) >= 8]
-    contexts = contexts[: args.prompts]
-    prompts = [tok.decode(c) for c in contexts]
+    heldout = tok([d.text for d in bundled_documents("heldout")], add_special_tokens=False, verbose=False)["input_ids"]
+    n = args.new_tokens
+    docs = [ids for ids in heldout if len(ids) >= 8 + n][: args.prompts]
+    prompts = [tok.decode(ids[:8]) for ids in docs]
     contexts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    reference = ngram.perplexity([c[:2] for c in contexts], [c[2:] for c in contexts])
+    reference = ppl_with_stderr([ngram.nll(ids[:8], ids[8 : 8 + n]) for ids in docs])
+    policies = [(p, t) for p, t in POLICIES if not args.policies or p in args.policies.split(",")]
     rows = []
     generate(lm, prompts[:2], max_new_tokens=4, steps=2, stop_at_eos=False)  # warm-up
-    for policy, tau in POLICIES:
-        # rows still active after each step: a row leaves the batch once full, so the passes each
-        # prompt takes add up to all rows at step 1 plus the rows left active before every later step
-        active_after = []
-        started = time.perf_counter()
-        result = generate(
-            lm,
-            prompts,
-            max_new_tokens=args.new_tokens,
-            steps=args.new_tokens,
-            policy=policy,
-            threshold=tau or 0.9,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            stop_at_eos=False,
-            seed=0,
-            callback=lambda state, after=active_after: after.append(int(state.active.sum())),
-        )
-        seconds = time.perf_counter() - started
-        tokens = result.token_ids
-        bigrams = [tuple(t[i : i + 2]) for t in tokens for i in range(len(t) - 1)]
-        repeated = sum(len(t) - len(set(t)) for t in tokens) / max(sum(len(t) for t in tokens), 1)
-        rows.append(
-            {
-                "policy": policy if tau is None else f"threshold {tau}",
-                "forward_passes_per_token": (len(prompts) + sum(active_after[:-1])) / (len(prompts) * args.new_tokens),
-                "tokens_per_s": result.new_tokens / seconds,
-                "ngram_ppl": ngram.perplexity(contexts, tokens),
-                "distinct_2": len(set(bigrams)) / max(len(bigrams), 1),
-                "repeated_share": repeated,
-                "example": result.texts[0],
-            }
-        )
-        r = rows[-1]
-        print(
-            f"{r['policy']:<15} passes/token {r['forward_passes_per_token']:.3f}  {r['tokens_per_s']:7.1f} tok/s  "
-            f"trigram PPL {r['ngram_ppl']:9.1f}  distinct-2 {r['distinct_2']:.2f}  repeated {r['repeated_share']:.2f}"
-        )
-    print(f"(held-out text itself under the trigram model: PPL {reference:.1f})")
+    for frame in args.frames.split(","):
+        for policy, tau in policies:
+            settings = dict(
+                steps=n,
+                policy=policy,
+                threshold=tau or 0.9,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty,
+                frame=frame,
+            )
+            nlls, tokens, passes, seconds = [], [], 0, 0.0
+            for seed in range(args.seeds):
+                started = time.perf_counter()
+                full = generate(lm, prompts, n, SamplingConfig(**settings, ban_eos=True, seed=seed * len(prompts)))
+                seconds += time.perf_counter() - started
+                nlls += [ngram.nll(c, t) for c, t in zip(contexts, full.token_ids, strict=True)]
+                tokens += full.token_ids
+                passes += sum(full.row_passes)
+            stopping = generate(lm, prompts, n, SamplingConfig(**settings))
+            bigrams = [tuple(t[i : i + 2]) for t in tokens for i in range(len(t) - 1)]
+            ppl, ppl_se = ppl_with_stderr(nlls)
+            rows.append(
+                {
+                    "frame": frame,
+                    "policy": policy if tau is None else f"threshold {tau}",
+                    "forward_passes_per_token": passes / sum(len(t) for t in tokens),
+                    "tokens_per_s": sum(len(t) for t in tokens) / seconds,
+                    "ngram_ppl": ppl,
+                    "ngram_ppl_stderr": ppl_se,
+                    "distinct_2": len(set(bigrams)) / max(len(bigrams), 1),
+                    "repeated_share": sum(len(t) - len(set(t)) for t in tokens) / sum(len(t) for t in tokens),
+                    "eos_share": stopping.finished_by.count("eos") / len(prompts),
+                    "mean_tokens_with_eos": statistics.fmean(len(t) for t in stopping.token_ids),
+                    "ends_with_period_share": sum(t.rstrip().endswith(".") for t in stopping.texts) / len(prompts),
+                    "example": full.texts[0],
+                }
+            )
+            r = rows[-1]
+            say(
+                f"{frame:<7} {r['policy']:<14} passes/token {r['forward_passes_per_token']:.3f} "
+                f"{r['tokens_per_s']:6.1f} tok/s  trigram PPL {r['ngram_ppl']:7.1f} ± {r['ngram_ppl_stderr']:5.1f}  "
+                f"distinct-2 {r['distinct_2']:.2f}  repeated {r['repeated_share']:.2f}  "
+                f"EOS {r['eos_share']:.0%} (mean {r['mean_tokens_with_eos']:.1f} tokens, "
+                f"'.' last {r['ends_with_period_share']:.0%})"
+            )
+    say(
+        f"held-out continuations ({n} tokens after the same prompts): "
+        f"trigram PPL {reference[0]:.1f} ± {reference[1]:.1f}"
+    )
     if args.json:
         print(
             json.dumps(
                 {
                     "rows": rows,
-                    "heldout_ngram_ppl": reference,
+                    "heldout_ngram_ppl": reference[0],
+                    "heldout_ngram_ppl_stderr": reference[1],
                     "prompts": len(prompts),
-                    "new_tokens": args.new_tokens,
+                    "new_tokens": n,
+                    "seeds": args.seeds,
                     "temperature": args.temperature,
                     "top_p": args.top_p,
                     "repetition_penalty": args.repetition_penalty,

@@ -132,56 +132,6 @@ def test_the_installed_command_and_debug_traceback(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
-def test_generate_json(capsys):
-    code, out, _ = run(capsys, "generate", "Bugün hava", "-n", "8", "--steps", "4", "--no-eos", "--json")
-    result = last_json(out)
-    assert code == 0 and len(result["tokens"]) == 8 and result["forward_passes"] == 4
-    assert result["text"] and result["finished_by"] == "length"
-
-
-def test_generate_with_model_and_policy(capsys):
-    code, out, _ = run(
-        capsys,
-        "generate",
-        "preset:tiny",
-        "",
-        "-n",
-        "8",
-        "--policy",
-        "threshold",
-        "--temperature",
-        "0.7",
-        "--top-p",
-        "0.9",
-        "--no-live",
-        "--json",
-    )
-    assert code == 0 and last_json(out)["forward_passes"] <= 8
-
-
-def test_infill_json_keeps_the_given_text(capsys):
-    code, out, _ = run(capsys, "infill", "Ankara <mask*2> başkentidir.", "--json")
-    result = last_json(out)
-    assert code == 0 and result["text"].startswith("Ankara") and result["text"].endswith("başkentidir.")
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["generate", "x", "--block-length", "5"], "block_length 5 must divide the generated length 64"),
-        (["generate", "x", "--top-p", "2"], "top-p must be in (0, 1]"),
-        (["generate", "x", "--temperature", "-1"], "temperature must be >= 0"),
-        (["generate", "x", "-n", "600"], "max_new_tokens 600 does not fit the model's context of 512"),
-        (["generate", "kelime " * 600, "-n", "16"], "exceed the model's context of 512"),
-        (["infill", "maskesiz"], "no <mask>"),
-    ],
-)
-def test_sampling_bad_input(capsys, argv, message):
-    code, _, err = run(capsys, *argv)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and message in lines[0]
-
-
 def test_data_prepare_bundled_offline_then_stats(capsys, tmp_path):
     out_dir = str(tmp_path / "prepared")
     code, out, _ = run(
