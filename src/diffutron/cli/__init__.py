@@ -13,7 +13,7 @@ import warnings
 import typer
 from typer.exceptions import TyperException
 
-from diffutron.cli import data, harness, inspect, sample, tokenizer, train  # noqa: F401 -- they register their verbs
+from diffutron.cli import data, harness, inspect, sample, serve, tokenizer, train  # noqa: F401 -- they register their verbs
 from diffutron.cli.common import app
 from diffutron.errors import DiffutronError
 

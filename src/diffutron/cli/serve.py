@@ -1,0 +1,47 @@
+"""`diffutron serve`: the OpenAI-compatible HTTP server with its web page (the `serve` extra)."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from diffutron.cli.common import DeviceOpt, ModelArg, app, err, load_model
+from diffutron.errors import DiffutronError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command("serve")
+def serve(
+    model: str | None = ModelArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="0: any free port"),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="DIFFUTRON_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"
+    ),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="rows denoised together at most (all requests)"),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests waiting at most; more get HTTP 429"),
+    device: str | None = DeviceOpt,
+) -> None:
+    """Serve MODEL over HTTP: OpenAI-compatible completions and chat with the denoising streamed,
+    infill, fill-mask and likelihood scoring, concurrent requests batched step by step; a web page at /."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise DiffutronError("diffutron serve needs the serve extra: pip install 'diffutron[serve]'") from None
+    from diffutron.serve import bind, create_app, run
+    from diffutron.serve.server import url
+
+    sock = bind(host, port)  # before the model loads: a port in use fails at once
+    lm = load_model(model, device)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    served = logging.getLogger("diffutron.serve")
+    served.addHandler(handler)
+    served.setLevel(logging.INFO)
+    if host not in LOOPBACK and api_key is None:
+        err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/]")
+    err.print(f"serving {lm.name} at {url(sock)}  (web page at /, OpenAI API at /v1; Ctrl-C stops)")
+    run(create_app(lm, api_key=api_key, max_batch=max_batch, max_queue=max_queue), sock)

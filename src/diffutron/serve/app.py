@@ -1,0 +1,346 @@
+"""The HTTP API (FastAPI): OpenAI-compatible completions and chat, infilling, fill-mask, likelihood
+scoring, and the web page at `/`.
+
+Every model call goes through the engine's thread (engine.py): the request handlers only parse,
+check and format. Errors are OpenAI's error object: 400 for a bad request (malformed JSON, a bad
+setting, a prompt that does not fit), 401 for a missing or wrong key, 404 for an unknown model or
+path, 413 for a body over the limit, 429 when the queue is full, 500 when the model fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from diffutron.errors import DiffutronError, UsageError
+from diffutron.serve import schemas
+from diffutron.serve.engine import Engine, EngineError, Finished, Job, Prepared, QueueFull
+from diffutron.serve.responses import DONE, CompletionFormatter, Formatter, InfillFormatter, error_body, sse
+
+log = logging.getLogger("diffutron.serve")
+
+MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused before it is read (413)
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+
+def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64) -> FastAPI:
+    """The app serving `lm`; its engine thread starts and stops with the app (lifespan)."""
+    engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
+    model_id = lm.name or "diffutron"
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="diffutron", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    _error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_id:
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist: this server serves {model_id!r}",
+                "invalid_request_error",
+                code="model_not_found",
+                param="model",
+            )
+
+    v1 = [Depends(authorize)]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files("diffutron.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, **engine.status()}
+
+    def model_card() -> dict:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "diffutron",
+            "context_length": lm.context_length,
+        }
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=v1)
+    async def model(name: str) -> dict:
+        check_model(name)
+        return model_card()
+
+    # -- generation --------------------------------------------------------------------------
+    async def run_generation(body: schemas.Generation, request: Request, rows_of, chat: bool):
+        """Completions and chat: `rows_of()` gives the row texts (prompts repeated n times) and the
+        count of prompt tokens' owners, on the engine thread."""
+        check_model(body.model)
+        body.refuse_unsupported()
+        config = body.generation_config()
+        max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens) or schemas.DEFAULT_MAX_TOKENS
+
+        def prepare() -> Prepared:
+            from diffutron.sampling import generation_canvas
+
+            prompts = rows_of()
+            rows = [p for p in prompts for _ in range(body.n)]
+            canvas = generation_canvas(lm, rows, max_tokens, frame=config.frame)
+            prefix = len(lm.special_affixes[0])
+            prompt_tokens = sum(int(s) - prefix for s in canvas.gen_start[:: body.n])
+            return Prepared(canvas, config, prompt_tokens)
+
+        job = Job("generate", prepare, stream=body.stream, canvas_events=body.stream_canvas)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        formatter = CompletionFormatter(model_id, job.id, chat=chat, include_usage=include_usage)
+        return await answer(job, formatter, request, "chat" if chat else "completion")
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: schemas.CompletionRequest, request: Request):
+        prompts = body.prompts()
+        return await run_generation(body, request, lambda: prompts, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(body: schemas.ChatRequest, request: Request):
+        from diffutron.data.sft import render_prompt
+
+        messages = body.rendered_messages()
+        return await run_generation(body, request, lambda: [render_prompt(lm.tokenizer, messages)], chat=True)
+
+    @app.post("/v1/infill", dependencies=v1)
+    async def infill(body: schemas.InfillRequest, request: Request):
+        check_model(body.model)
+        texts = body.texts()
+        config = body.sampling_config("infill")
+
+        def prepare() -> Prepared:
+            from diffutron.sampling import infill_canvas
+
+            canvas = infill_canvas(lm, texts)
+            # as `sampling.infill`: the masks of a row are one block, one token per step for the longest row
+            steps = config.steps or int(canvas.fillable.sum(dim=1).max())
+            given = int((canvas.attention_mask.bool() & ~canvas.fillable).sum()) - len(texts) * sum(
+                len(a) for a in lm.special_affixes
+            )
+            return Prepared(canvas, dataclasses.replace(config, steps=steps, block_length=None), given)
+
+        job = Job("infill", prepare, stream=body.stream, canvas_events=body.stream)
+        return await answer(job, InfillFormatter(model_id, job.id), request, "infill")
+
+    async def answer(job: Job, formatter: Formatter, request: Request, kind: str):
+        await engine.submit(job)
+        if job.stream:
+            return StreamingResponse(
+                stream(job, formatter, kind),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        finished = await until_done(job, request, kind)
+        if finished is None:  # the client went away
+            return JSONResponse(error_body("client disconnected"), status_code=499)
+        log_request(job, kind, finished)
+        return formatter.response(finished)
+
+    async def until_done(job: Job, request: Request, kind: str) -> Finished | None:
+        result = asyncio.ensure_future(engine.result(job))
+        try:
+            while True:
+                done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return result.result()
+                if await request.is_disconnected():
+                    engine.cancel(job)
+                    log.info("%s %s: client disconnected", job.id, kind)
+                    return None
+        finally:
+            result.cancel()
+
+    async def stream(job: Job, formatter: Formatter, kind: str):
+        finished = None
+        try:
+            async for item in engine.events(job):
+                for event in formatter.events(item):
+                    yield event
+                if isinstance(item, Finished):
+                    finished = item
+            yield DONE
+            log_request(job, kind, finished)
+        except DiffutronError as error:  # the model failed on this batch, or the server is stopping
+            yield sse(error_body(str(error), "server_error"))
+        finally:
+            if finished is None:  # the client went away mid-stream: free its rows at the next step
+                engine.cancel(job)
+                log.info("%s %s: stream closed before the end", job.id, kind)
+
+    # -- one-forward calls ---------------------------------------------------------------------
+    @app.post("/v1/fill-mask", dependencies=v1)
+    async def fill_mask(body: schemas.FillMaskRequest) -> dict:
+        from diffutron.fill_mask import fill_mask as top_candidates
+
+        check_model(body.model)
+        options = {} if body.top_k is None else {"top_k": body.top_k}
+        started = time.perf_counter()
+        masks = await engine.call(lambda: top_candidates(lm, body.text, **options))
+        log.info("fill-mask masks=%d seconds=%.3f", len(masks), time.perf_counter() - started)
+        return {
+            "object": "diffutron.fill_mask",
+            "model": model_id,
+            "masks": [{"index": i, "candidates": [c.to_dict() for c in m]} for i, m in enumerate(masks)],
+        }
+
+    @app.post("/v1/score", dependencies=v1)
+    async def score(body: schemas.ScoreRequest) -> dict:
+        from diffutron.evaluate import evaluate
+
+        check_model(body.model)
+        texts = body.texts()
+        result = await engine.call(lambda: evaluate(lm, texts, **body.options()))
+        if not result.tokens:
+            raise schemas.BadRequest("the text has no tokens to score", "text")
+        log.info("score texts=%d tokens=%d seconds=%.2f", len(texts), result.tokens, result.seconds)
+        return {"object": "diffutron.score", "model": model_id, **result.to_dict()}
+
+    return app
+
+
+def log_request(job: Job, kind: str, finished: Finished | None) -> None:
+    """The one line per request: id, tokens, steps, seconds."""
+    if finished is None:
+        return
+    reasons = ",".join(r.finished_by for r in finished.results)
+    log.info(
+        "%s %s rows=%d prompt_tokens=%d completion_tokens=%d steps=%d forward_passes=%d seconds=%.2f "
+        "queued=%.2f finished_by=%s",
+        job.id, kind, len(finished.results), finished.prompt_tokens, finished.completion_tokens, finished.steps,
+        finished.forward_passes, finished.seconds, finished.queued_seconds, reasons,
+    )  # fmt: skip
+
+
+def _error_handlers(app: FastAPI) -> None:
+    def reply(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(error.errors())
+        return reply(400, error_body(message, param=param))
+
+    @app.exception_handler(UsageError)
+    async def bad_request(request: Request, error: UsageError) -> JSONResponse:
+        return reply(400, error_body(str(error), param=getattr(error, "param", None)))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
+        return reply(429, error_body(str(error), "rate_limit_error", code="queue_full"), {"Retry-After": "1"})
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, error: EngineError) -> JSONResponse:
+        return reply(500, error_body(str(error), "server_error"))
+
+    @app.exception_handler(DiffutronError)
+    async def failure(request: Request, error: DiffutronError) -> JSONResponse:
+        return reply(500, error_body(str(error), "server_error"))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return reply(error.status, error_body(str(error), error.kind, error.param, error.code))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return reply(error.status_code, error_body(str(error.detail), kind), getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return reply(500, error_body(f"internal error: {type(error).__name__}", "server_error"))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def validation_message(errors) -> tuple[str, str | None]:
+    """One line for pydantic's errors: the first field that is wrong, and what it should be."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field {'.'.join(where)!r}", ".".join(where)
+    # a union (`str | list[str]`) reports one error per member, the member's type last in `loc`
+    members = [e for e in errors if tuple(e.get("loc", ()))[:-1] == tuple(first.get("loc", ()))[:-1]]
+    if len(members) > 1 and all(str(e["loc"][-1]).split("[")[0] in _TYPE_TAGS for e in members):
+        where = where[:-1]
+        expected = " or ".join(str(e["loc"][-1]) for e in members)
+        return f"{'.'.join(where)}: expected {expected}", ".".join(where) or None
+    return f"{'.'.join(where) or 'body'}: {first['msg']}", ".".join(where) or None
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes (413) before they reach a handler, declared or streamed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await _too_large(send, self.limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"the request body is over {self.limit:,} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+async def _too_large(send, limit: int) -> None:
+    response = JSONResponse(error_body(f"the request body is over {limit:,} bytes"), status_code=413)
+    await response({"type": "http"}, None, send)

@@ -1,0 +1,193 @@
+"""Request bodies of the HTTP API: OpenAI's fields where they exist, diffusion settings as extra fields.
+
+Every sampling setting goes through `diffutron.sampling.user_config`, the mapping the CLI uses: no
+default or range check of a sampling setting lives here. What is here: the shape of a request,
+the server's own limits (sizes that keep one request from stalling the others), and OpenAI fields
+that have no meaning for a diffusion model, refused with a reason instead of ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffutron.errors import UsageError
+from diffutron.sampling import SamplingConfig, generate, user_config
+
+# max_tokens when a request leaves it out: the library's own default of `generate`
+DEFAULT_MAX_TOKENS: int = inspect.signature(generate).parameters["max_new_tokens"].default
+MAX_STOPS, MAX_STOP_CHARS = 16, 200
+MAX_SCORE_CHARS = 20_000  # scoring runs between two denoising steps: keep it short
+MAX_FILL_MASK_TOP_K = 100
+
+
+class BadRequest(UsageError):
+    """A request the server refuses (HTTP 400), naming the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Body(BaseModel):
+    # unknown fields are refused (a misspelt `stpes` must not silently fall back to the default);
+    # strict: no "0.5" for a number, no true for a count
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+
+
+class Sampling(Body):
+    """The settings of `user_config`, under the same names (`temperature`, `top_p`, `seed` are OpenAI's)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    policy: str | None = None
+    threshold: float | None = None
+    repetition_penalty: float | None = None
+    cfg_scale: float | None = None
+    schedule: str | None = None
+
+    def sampling_config(self, mode: str, **more) -> SamplingConfig:
+        names = Sampling.model_fields.keys() - Body.model_fields.keys()
+        return user_config(mode, **{name: getattr(self, name) for name in names}, **more)
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class Generation(Sampling):
+    """What completions and chat completions share."""
+
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    block_length: int | None = None
+    ignore_eos: bool | None = None  # vLLM's name: do not end the text at the end-of-sequence token
+    stream_canvas: bool = False  # with stream: a `diffutron.step` event per step with the whole canvas
+    user: str | None = None
+    # OpenAI fields without a diffusion meaning: accepted only at their neutral value
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def generation_config(self) -> SamplingConfig:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise BadRequest(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
+        eos = None if self.ignore_eos is None else not self.ignore_eos
+        return self.sampling_config("generate", stop=stops or None, block_length=self.block_length, stop_at_eos=eos)
+
+    def refuse_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise BadRequest(f"{name} is not supported; use repetition_penalty (CTRL's, 1 is off)", name)
+        if self.logit_bias:
+            raise BadRequest("logit_bias is not supported", "logit_bias")
+        if self.stream_canvas and not self.stream:
+            raise BadRequest("stream_canvas needs stream: true", "stream_canvas")
+
+
+NO_LOGPROBS = (
+    "logprobs is not supported: a diffusion model reveals tokens in any order, so a token has no "
+    "left-to-right probability; POST /v1/score gives the likelihood of a text"
+)
+
+
+class CompletionRequest(Generation):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs is not None:
+            raise BadRequest(NO_LOGPROBS, "logprobs")
+        if self.echo:
+            raise BadRequest("echo is not supported", "echo")
+        if self.suffix is not None:
+            raise BadRequest("suffix is not supported: POST /v1/infill fills <mask*N> between any two texts", "suffix")
+        if self.best_of not in (None, 1):
+            raise BadRequest("best_of is not supported", "best_of")
+
+    def prompts(self) -> list[str]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts:
+            raise BadRequest("prompt is an empty list", "prompt")
+        return prompts
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs or self.top_logprobs is not None:
+            raise BadRequest(NO_LOGPROBS, "logprobs")
+
+    def rendered_messages(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class InfillRequest(Sampling):
+    text: str | list[str]  # with <mask> (one token) / <mask*N> (N tokens)
+    stream: bool = False  # a `diffutron.step` event per step, then the result
+
+    def texts(self) -> list[str]:
+        texts = [self.text] if isinstance(self.text, str) else self.text
+        if not texts:
+            raise BadRequest("text is an empty list", "text")
+        return texts
+
+
+class FillMaskRequest(Body):
+    text: str
+    top_k: int | None = Field(None, ge=1, le=MAX_FILL_MASK_TOP_K)
+
+
+class ScoreRequest(Body):
+    text: str | list[str]
+    mask_ratio: float | None = None  # the PPL's mask ratio [default: evaluate's]
+    samples: int | None = Field(None, ge=1, le=32)  # passes with fresh masks; 2+ give the PPL's standard error
+    elbo_samples: int | None = Field(None, ge=0, le=256)  # strata of the ELBO bound; 0 skips it
+    seed: int | None = Field(None, ge=0)
+
+    def texts(self) -> list[str]:
+        texts = [self.text] if isinstance(self.text, str) else self.text
+        if not texts or not any(t.strip() for t in texts):
+            raise BadRequest("nothing to score: give text", "text")
+        if sum(len(t) for t in texts) > MAX_SCORE_CHARS:
+            raise BadRequest(f"at most {MAX_SCORE_CHARS:,} characters per scoring request", "text")
+        return texts
+
+    def options(self) -> dict:
+        """The given options of `evaluate` (the others keep evaluate's defaults)."""
+        return {k: v for k in ("mask_ratio", "samples", "elbo_samples", "seed") if (v := getattr(self, k)) is not None}
