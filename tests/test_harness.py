@@ -187,6 +187,8 @@ def test_harness_model_requests(lm):
     assert len(texts) == 2 and all("," not in t and len(ids(lm, t)) <= 6 for t in texts)
     with pytest.raises(Exception, match="unknown model argument"):
         HarnessModel(lm=lm, tempreature=1.0)
+    with pytest.raises(Exception, match="top-p"):  # checked at once, not after the likelihood tasks ran
+        HarnessModel(lm=lm, top_p=2.0)
     assert cut_at_stops("bir. iki\n üç", [".", "\n"]) == "bir"
 
 

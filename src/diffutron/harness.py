@@ -16,7 +16,6 @@ the tokenizer's end token.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterable
 
 from diffutron.errors import DiffutronError, UsageError
@@ -27,8 +26,6 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError as err:  # the optional extra
     raise DiffutronError("the lm-evaluation-harness is not installed: pip install 'diffutron[eval]'") from err
-
-logger = logging.getLogger(__name__)
 
 
 def _sampling_fields() -> set[str]:
@@ -76,6 +73,9 @@ class HarnessModel(LM):
         self.check_greedy = str(check_greedy).lower() in ("true", "1", "yes")
         self.max_gen_toks = int(max_gen_toks)
         self.sampling = sampling
+        from diffutron.sampling import SamplingConfig
+
+        SamplingConfig(**sampling).validate()  # a bad setting fails now, not after the likelihood tasks ran
         if self.batch_size < 1 or self.mc_num < 1 or self.max_gen_toks < 1:
             raise UsageError("batch_size, mc_num and max_gen_toks must be at least 1")
         self._device = lm.device
