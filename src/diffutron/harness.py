@@ -179,19 +179,17 @@ def cut_at_stops(text: str, stops: Iterable[str]) -> str:
 
 
 def load(name: str | None, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
-    """A DiffusionLM from any name diffutron loads; a bare shipped model's name (tiny-diffutron) works too."""
+    """A DiffusionLM from any name diffutron loads (default: the shipped tiny-diffutron)."""
     import torch
 
-    from diffutron.assets import MODELS, shipped_model
     from diffutron.model import DiffusionLM
 
-    name = name or "tiny-diffutron"
-    if name in MODELS:
-        name = str(shipped_model(name))
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    torch_dtype = getattr(torch, dtype, None) if dtype else None
     if dtype and not isinstance(torch_dtype, torch.dtype):
         raise UsageError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    return DiffusionLM.from_pretrained(name, device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return DiffusionLM.from_pretrained(
+        name or "tiny-diffutron", device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with `diffutron` registered
