@@ -1,30 +1,36 @@
-"""Discrete diffusion sampling: start from [MASK]s, reveal tokens step by step."""
+"""Discrete diffusion sampling: start from [MASK]s, reveal tokens step by step.
 
-from diffutron.sampling.canvas import Canvas, generation_canvas, infill_canvas
-from diffutron.sampling.config import SamplingConfig, user_config
-from diffutron.sampling.policies import POLICIES
-from diffutron.sampling.sampler import (
-    Denoiser,
-    GenerationResult,
-    RowResult,
-    StepState,
-    denoise,
-    generate,
-    infill,
-)
+Names are imported lazily (PEP 562): the CLI reads settings from `sampling.config` without paying
+for torch at start-up. No exported name is also a submodule's name.
+"""
 
-__all__ = [
-    "POLICIES",
-    "Canvas",
-    "Denoiser",
-    "GenerationResult",
-    "RowResult",
-    "SamplingConfig",
-    "StepState",
-    "denoise",
-    "generate",
-    "generation_canvas",
-    "infill",
-    "infill_canvas",
-    "user_config",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "Canvas": "canvas",
+    "generation_canvas": "canvas",
+    "infill_canvas": "canvas",
+    "POLICIES": "config",
+    "SamplingConfig": "config",
+    "user_config": "config",
+    "Denoiser": "sampler",
+    "GenerationResult": "sampler",
+    "RowResult": "sampler",
+    "StepState": "sampler",
+    "denoise": "sampler",
+    "generate": "sampler",
+    "infill": "sampler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffutron.sampling' has no attribute {name!r}")
+    value = getattr(import_module(f"diffutron.sampling.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # bound once: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
