@@ -1,7 +1,7 @@
 """Multiple-choice loglikelihood requests on the mmBERT-base shape: diffutron's harness estimator vs a
 faithful port of dllm's MDLM harness model (dllm/core/eval/mdlm.py, as LLaDA's eval_llada.py), same mc_num.
 
-    python benchmarks/harness_throughput.py [--json] [--questions 4] [--mc-num 16]
+    python benchmarks/harness_throughput.py [--json] [--questions 8] [--multi-token-questions 2] [--mc-num 32] [--repeats 2]
 
 The requests are the first questions of the shipped tr_cloze task (context, four one-word choices),
 split into tokens by diffutron's encode_pair for both paths: with dllm's own `_encode_pair` every
@@ -88,22 +88,34 @@ def requests(lm, questions: int, multi_token: bool) -> list[tuple[list[int], lis
     return [pair for pairs in chosen for pair in pairs]
 
 
-def compare(lm, pairs, mc_num: int, batch_size: int, seed: int) -> dict:
-    """Both paths on the same requests: seconds, and how far apart their estimates are."""
+def compare(lm, pairs, mc_num: int, batch_size: int, seed: int, repeats: int) -> dict:
+    """Both paths on the same requests: seconds (summed over `repeats` rounds, the order alternating --
+    reference first, then fast first -- so that a drift in the machine's load weighs on both), and how
+    far apart their estimates are."""
     from diffutron.likelihood import continuation_logprobs
 
     prefix, suffix = lm.special_affixes
     reference_batch = min(batch_size, mc_num)  # dllm asserts mc_num % batch_size == 0
+
+    def run_reference():
+        return [
+            reference_loglikelihood(lm.hf_model, lm.mask_id, prefix + c, x, suffix, mc_num, reference_batch)
+            for c, x in pairs
+        ]
+
+    def run_fast():
+        return continuation_logprobs(lm, pairs, mc_num=mc_num, seed=seed, batch_size=batch_size)
+
     torch.manual_seed(seed)
-    start = time.perf_counter()
-    reference = [
-        reference_loglikelihood(lm.hf_model, lm.mask_id, prefix + c, x, suffix, mc_num, reference_batch)
-        for c, x in pairs
-    ]
-    seconds_reference = time.perf_counter() - start
-    start = time.perf_counter()
-    fast = continuation_logprobs(lm, pairs, mc_num=mc_num, seed=seed, batch_size=batch_size)
-    seconds_fast = time.perf_counter() - start
+    seconds = {"reference": 0.0, "fast": 0.0}
+    outputs = {}
+    for round_number in range(repeats):
+        for name in ("reference", "fast") if round_number % 2 == 0 else ("fast", "reference"):
+            start = time.perf_counter()
+            outputs[name] = run_reference() if name == "reference" else run_fast()
+            seconds[name] += time.perf_counter() - start
+    reference, fast = outputs["reference"], outputs["fast"]
+    seconds_reference, seconds_fast = seconds["reference"], seconds["fast"]
     exact = [abs(f.logprob - r) for f, (r, _) in zip(fast, reference, strict=True) if f.stderr == 0]
     z = [(f.logprob - r) / math.hypot(f.stderr, se) for f, (r, se) in zip(fast, reference, strict=True) if f.stderr]
     return {
@@ -134,6 +146,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward (dllm's default 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds, order alternating (ABBA for 2)")
     args = parser.parse_args()
 
     from diffutron.likelihood import continuation_logprobs
@@ -148,8 +161,8 @@ def main() -> None:
     continuation_logprobs(lm, cloze[:1], mc_num=2, batch_size=args.batch_size)  # warm-up, both paths
     reference_loglikelihood(lm.hf_model, lm.mask_id, prefix + cloze[0][0], cloze[0][1], suffix, 2, 2)
     parts = {
-        "cloze": compare(lm, cloze, args.mc_num, args.batch_size, args.seed),
-        "multi_token": compare(lm, multi, args.mc_num, args.batch_size, args.seed),
+        "cloze": compare(lm, cloze, args.mc_num, args.batch_size, args.seed, args.repeats),
+        "multi_token": compare(lm, multi, args.mc_num, args.batch_size, args.seed, args.repeats),
     }
     seconds_reference = sum(p["seconds_reference"] for p in parts.values())
     seconds_fast = sum(p["seconds_fast"] for p in parts.values())
@@ -157,6 +170,7 @@ def main() -> None:
         "preset": args.preset,
         "mc_num": args.mc_num,
         "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "seconds_reference": seconds_reference,
         "seconds_fast": seconds_fast,
         "speedup": seconds_reference / seconds_fast,
