@@ -192,6 +192,14 @@ def test_harness_model_requests(lm):
     assert cut_at_stops("bir. iki\n üç", [".", "\n"]) == "bir"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
+def test_lm_eval_cli_default_device_falls_back_to_cpu():
+    """lm-eval's CLI passes device cuda:0 unless told otherwise (its own HF model falls back too)."""
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        model = HarnessModel(pretrained="tiny-base", device="cuda:0")
+    assert model.lm.device.type == "cpu"
+
+
 def test_registered_in_lm_eval():
     from lm_eval.api.registry import get_model
 

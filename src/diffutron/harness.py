@@ -16,6 +16,7 @@ the tokenizer's end token.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable
 
 from diffutron.errors import DiffutronError, UsageError
@@ -66,6 +67,12 @@ class HarnessModel(LM):
                 f"{', '.join(sorted(_sampling_fields()))})"
             )
         if lm is None:
+            import torch
+
+            if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's CLI passes cuda:0 unless told otherwise; its own HF model falls back too
+                warnings.warn(f"device {device} asked for, but CUDA is not available: using the CPU", stacklevel=2)
+                device = None
             lm = load(pretrained, device, dtype, trust_remote_code)
         self.lm = lm
         self.batch_size = 32 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
