@@ -76,6 +76,7 @@ def lm_eval_(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        log_samples=False,  # per-document outputs: lm-eval's own CLI (--log_samples) writes them, not here
     )
     seconds = time.perf_counter() - started
     results["config"]["model"] = lm.name
