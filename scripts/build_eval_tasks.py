@@ -1,10 +1,12 @@
 """Build the offline Turkish task pack (configs/eval/tasks/diffutron_tr/) from the bundled held-out split.
 
-    python scripts/build_eval_tasks.py            # rewrites tr_cloze.jsonl and tr_order.jsonl, byte for byte
+    python scripts/build_eval_tasks.py            # rewrites the tasks' JSONL files, byte for byte
 
 - tr_cloze: a sentence's beginning, then four candidates for its next content word: the original and
   three distractors of about the same frequency in the *train* split (so a unigram prior cannot
   tell them apart), never a word of the sentence, never one sharing the original's first four letters.
+- tr_suffix: the same question with three other inflections of the original's stem as the distractors
+  (Turkish morphology: which case, person, tense fits what came before).
 - tr_order: two consecutive sentences of a document, in their order and swapped: which is original?
 
 Only `heldout` documents are read for the items; the train split gives only word frequencies.
@@ -49,7 +51,37 @@ def train_vocabulary() -> tuple[list[str], dict[str, int]]:
     return words, {w: i for i, w in enumerate(words)}
 
 
-def cloze_items(docs, words: list[str], rank: dict[str, int], rng: random.Random, limit: int) -> list[dict]:
+def frequency_distractors(words: list[str], rank: dict[str, int]):
+    """tr_cloze: words of about the target's train frequency, unrelated to it (another first four letters)."""
+
+    def pick(word: str, present: set[str], rng: random.Random) -> list[str] | None:
+        near = words[max(0, rank[word] - NEIGHBOURS) : rank[word] + NEIGHBOURS + 1]
+        pool = [w for w in near if w not in present and w[:4] != word[:4]]
+        return rng.sample(pool, 3) if len(pool) >= 3 else None
+
+    return pick
+
+
+def inflection_distractors(words: list[str]):
+    """tr_suffix: other forms of the target's stem in the train split (the longest stem, at least four
+    letters and at most four shorter than the word, that three other train words share)."""
+    by_prefix: dict[str, list[str]] = {}
+    for w in words:
+        for n in range(4, len(w) + 1):
+            by_prefix.setdefault(w[:n], []).append(w)
+
+    def pick(word: str, present: set[str], rng: random.Random) -> list[str] | None:
+        for n in range(len(word) - 1, max(3, len(word) - 5), -1):
+            forms = [w for w in by_prefix.get(word[:n], []) if w != word and w not in present]
+            if len(forms) >= 3:
+                return rng.sample(sorted(forms), 3)
+        return None
+
+    return pick
+
+
+def cloze_items(docs, rank: dict[str, int], distractors, rng: random.Random, limit: int) -> list[dict]:
+    """A held-out sentence's beginning, its next candidate word and three distractors for it."""
     items = []
     for doc in docs:
         for number, sentence in enumerate(sentences(doc.text)):
@@ -62,12 +94,10 @@ def cloze_items(docs, words: list[str], rank: dict[str, int], rng: random.Random
                 continue
             target = rng.choice(matches)
             word = target.group()
-            present = set(WORD.findall(sentence))
-            near = words[max(0, rank[word] - NEIGHBOURS) : rank[word] + NEIGHBOURS + 1]
-            pool = [w for w in near if w not in present and w[:4] != word[:4]]
-            if len(pool) < 3:
+            others = distractors(word, set(WORD.findall(sentence)), rng)
+            if others is None:
                 continue
-            choices = [word] + rng.sample(pool, 3)
+            choices = [word] + others
             rng.shuffle(choices)
             context = sentence[: target.start() - 1]
             items.append(
@@ -104,16 +134,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cloze", type=int, default=300, help="at most this many cloze items")
+    parser.add_argument("--suffix", type=int, default=300, help="at most this many suffix items")
     parser.add_argument("--order", type=int, default=200, help="at most this many order items")
     args = parser.parse_args()
     docs = list(bundled_documents("heldout"))
     words, rank = train_vocabulary()
     args.out.mkdir(parents=True, exist_ok=True)
-    cloze = cloze_items(docs, words, rank, random.Random(args.seed), args.cloze)
+    cloze = cloze_items(docs, rank, frequency_distractors(words, rank), random.Random(args.seed), args.cloze)
+    suffix = cloze_items(docs, rank, inflection_distractors(words), random.Random(args.seed + 2), args.suffix)
     order = order_items(docs, random.Random(args.seed + 1), args.order)
     write_jsonl(args.out / "tr_cloze.jsonl", cloze)
+    write_jsonl(args.out / "tr_suffix.jsonl", suffix)
     write_jsonl(args.out / "tr_order.jsonl", order)
-    print(f"{len(cloze)} cloze items, {len(order)} order items -> {args.out}")
+    print(f"{len(cloze)} cloze, {len(suffix)} suffix and {len(order)} order items -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -218,11 +218,12 @@ def _cli(args: list[str], capsys) -> tuple[int, str, str]:
 def test_lm_eval_runs_the_shipped_pack_offline(model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the pack is found from any working directory
     output = tmp_path / "results.json"
-    args = ["lm-eval", model, "--tasks", "tr_cloze,tr_order", "--limit", "6", "--mc-num", "2", "--output", str(output)]
+    tasks = "tr_cloze,tr_suffix,tr_order"
+    args = ["lm-eval", model, "--tasks", tasks, "--limit", "6", "--mc-num", "2", "--output", str(output)]
     code, out, _ = _cli([*args, "--json"], capsys)
     assert code == 0
     results = json.loads(out.strip().splitlines()[-1])["results"]
-    for task in ("tr_cloze", "tr_order"):
+    for task in tasks.split(","):
         assert 0 <= results[task]["acc,none"] <= 1 and results[task]["acc_stderr,none"] >= 0
         assert results[task]["sample_len"] == 6
     written = json.loads(output.read_text())  # the harness's own results file, without per-document samples
@@ -246,17 +247,21 @@ def test_pack_is_rebuilt_byte_for_byte_from_the_heldout_split(tmp_path):
         check=True,
         capture_output=True,
     )
-    for name in ("tr_cloze.jsonl", "tr_order.jsonl"):
+    names = ("tr_cloze.jsonl", "tr_suffix.jsonl", "tr_order.jsonl")
+    for name in names:
         assert (tmp_path / name).read_bytes() == (PACK / name).read_bytes()
     heldout = {d.id: d.text for d in bundled_documents("heldout")}
     train_ids = {d.id for d in bundled_documents("train")}
-    for name in ("tr_cloze.jsonl", "tr_order.jsonl"):
+    for name in names:
         for line in (PACK / name).read_text().splitlines():
             item = json.loads(line)
             doc = item["id"].rsplit("-", 1)[0]
             assert doc in heldout and doc not in train_ids
             if "context" in item:
-                assert item["context"] + " " + item["choices"][item["label"]] in heldout[doc]
+                answer = item["choices"][item["label"]]
+                assert item["context"] + " " + answer in heldout[doc] and len(set(item["choices"])) == 4
+                same_stem = [c[:4] == answer[:4] for c in item["choices"]]
+                assert all(same_stem) if name == "tr_suffix.jsonl" else sum(same_stem) == 1
             else:
                 original, swapped = item["choices"][item["label"]], item["choices"][1 - item["label"]]
                 assert " ".join(original.split()) in " ".join(heldout[doc].split())
