@@ -1,7 +1,8 @@
 """log p(continuation | context) of a masked diffusion LM, estimated by the masked-diffusion ELBO.
 
 Only the continuation's L tokens are ever masked. With l of them masked (a uniform l-subset M), LLaDA's
-conditional estimator (Nie et al. 2025, eq. 14, the form with the number of masks drawn uniformly) is
+conditional estimator (Nie et al. 2025, the lower-variance form used in its evaluations: the number
+masked drawn uniformly rather than a time t) is
 
     log p(c | x)  >=  E_{l ~ U{1..L}} E_M [ (L / l) * sum_{i in M} log p(c_i | x, c outside M) ]
 
@@ -78,8 +79,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 class Scored:
     logprob: float
     greedy: bool  # argmax at the one masked token (L = 1), or the sequential greedy check when asked
-    # Monte Carlo standard error, as if the samples were independent (stratified ones vary less: an
-    # upper bound); 0 where the value is exact (L = 1)
+    # Monte Carlo standard error, as if the samples were independent (stratifying the count only lowers
+    # the variance: conservative); 0 where the value is exact (L = 1)
     stderr: float = 0.0
 
 
