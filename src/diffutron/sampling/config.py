@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from diffutron.errors import UsageError
 
 # Torch-free on purpose: the CLI reads defaults and names from here for its --help.
-POLICIES = ("confidence", "margin", "entropy", "random", "threshold", "ancestral")
+POLICIES = ("confidence", "margin", "entropy", "random", "threshold", "factor", "ancestral")
 FRAMES = ("closed", "open")
 CACHES = ("none", "prefix", "dual")
 MAX_SEED = 2**63 - 1  # seeds are int64 (rng.py)
@@ -32,6 +32,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off; CTRL's, on the prompt's and the generated tokens
     threshold: float = 0.9  # tau of the threshold policy
+    factor: float = 1.0  # f of the factor policy: reveal the n surest with (n + 1)(1 - c_n) < f
     cfg_scale: float = 0.0  # classifier-free guidance (LLaDA): 0 is off; the prompt masked is the unconditional
     schedule: str = "linear"  # how many tokens each step reveals
     stop: tuple[str, ...] = ()  # stop strings, matched on the settled text; the text ends before them
@@ -53,7 +54,7 @@ class SamplingConfig:
 
     def validate(self) -> None:
         """Every setting checked for type sense and range; a UsageError names the one that is wrong."""
-        for name in ("temperature", "top_p", "repetition_penalty", "threshold", "cfg_scale"):
+        for name in ("temperature", "top_p", "repetition_penalty", "threshold", "factor", "cfg_scale"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {value!r}")
@@ -77,6 +78,7 @@ class SamplingConfig:
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "top-k must be a whole number >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty", "repetition-penalty must be > 0"),
             (0 < self.threshold <= 1, "threshold", "threshold must be in (0, 1]"),
+            (self.factor > 0, "factor", "factor must be > 0"),
             (self.cfg_scale >= 0, "cfg_scale", "cfg (the guidance scale) must be >= 0"),
             (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED, "seed", f"seed must be in [0, {MAX_SEED}]"),
         ]
@@ -96,6 +98,7 @@ class SamplingConfig:
             self.top_p,
             self.repetition_penalty,
             self.threshold,
+            self.factor,
             self.cfg_scale,
             self.schedule,
             self.cache,

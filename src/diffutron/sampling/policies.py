@@ -9,6 +9,10 @@ Selection:
   * top-k per row by score, k from `reveal_count` (LLaDA, dllm);
   * threshold  -- every candidate with confidence >= tau, at least the best one per row
                   (Fast-dLLM parallel decoding, Wu et al. 2025);
+  * factor     -- the n most confident candidates, n the largest with (n + 1)(1 - c_(n)) < f, c_(n) the
+                  n-th highest confidence, at least one: Fast-dLLM's factor rule, from its Theorem 1 (greedy
+                  parallel decoding of n tokens each surer than 1 - eps equals sequential greedy decoding
+                  when (n + 1) eps <= 1; f = 1 is that bound, a larger f trades exactness for speed);
   * ancestral  -- each candidate independently with probability (alpha_s - alpha_t) / (1 - alpha_t),
                   MDLM's ancestral sampler (Sahoo et al. 2024, eq. 7): the count is random.
 """
@@ -24,7 +28,7 @@ from diffutron.schedules import Schedule
 def scores(policy: str, probs: torch.Tensor, sampled: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Per-candidate reveal scores [N] from probabilities [N, V], the sampled tokens [N] and one uniform
     number per candidate [N] (the random order of `random` and `ancestral`)."""
-    if policy in ("confidence", "threshold"):
+    if policy in ("confidence", "threshold", "factor"):
         return probs.gather(1, sampled[:, None]).squeeze(1)
     if policy == "margin":
         top2 = probs.topk(2, dim=-1).values
@@ -70,6 +74,15 @@ def select_threshold(row_conf: torch.Tensor, tau: float) -> torch.Tensor:
     has_candidate = (row_conf > float("-inf")).any(dim=1, keepdim=True)
     forced = torch.zeros_like(row_conf, dtype=torch.bool).scatter_(1, best, has_candidate)
     return (row_conf >= tau) | forced
+
+
+def select_factor(row_conf: torch.Tensor, factor: float) -> torch.Tensor:
+    """bool [B, L]: each row's n most confident candidates, n the largest with (n + 1)(1 - c_(n)) < factor
+    (at least one). The bound on c_(n) rises with n while c_(n) falls, so the n that pass are 1..n."""
+    ranked = row_conf.sort(dim=1, descending=True).values
+    n = torch.arange(1, ranked.shape[1] + 1, device=ranked.device, dtype=ranked.dtype)
+    passes = (n + 1) * (1 - ranked) < factor  # -inf (not a candidate) never passes
+    return select_top(row_conf, passes.sum(dim=1).clamp(min=1))
 
 
 def ancestral_prob(step: torch.Tensor, steps: torch.Tensor, schedule: Schedule) -> torch.Tensor:

@@ -8,6 +8,7 @@ LLaDA's generate (Nie et al. 2025, Alg. 4/5), vectorised over the batch, each ro
         x0       = argmax (greedy) or a draw from softmax(logits / T), top-k / top-p
         score    = confidence p(x0) | margin | -entropy | random                 (policies.py)
         reveal   = the k best per row (k from the schedule at the row's step), or >= tau (threshold),
+                   or the n best with (n + 1)(1 - c_n) < f (factor),
                    or each mask with probability (alpha_s - alpha_t)/(1 - alpha_t) (ancestral)
         canvas[reveal] = x0[reveal]
         rows whose text is settled up to EOS or a stop string, or that are full, leave the batch
@@ -15,6 +16,11 @@ LLaDA's generate (Nie et al. 2025, Alg. 4/5), vectorised over the batch, each ro
 Rows keep their own block and step and draw their own random numbers (rng.py), so a row's tokens do
 not depend on the rows beside it: a `Denoiser` can take new rows between steps (a server batching
 requests step by step) and a request gives the same text alone or in company.
+
+With `cache` "prefix" or "dual" (cache.py, Fast-dLLM's approximate KV cache) a step recomputes only
+each row's block (dual) or its block and everything after it (prefix) against the keys/values of the
+last full forward; a full forward refreshes the cache whenever a row enters a new block, rows join,
+and every `refresh_every` steps. Rows leaving take their cache rows with them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 from diffutron.errors import UsageError
 from diffutron.sampling import policies
+from diffutron.sampling.cache import SUPPORTED, EncoderCache, spans, supports
 from diffutron.sampling.canvas import Canvas, generation_canvas, infill_canvas
 from diffutron.sampling.config import MAX_SEED, SamplingConfig
 from diffutron.sampling.rng import REVEAL_ORDER, TOKEN_DRAW, uniforms
@@ -93,7 +100,7 @@ class Denoiser:
     """Rows being denoised together, one forward pass per step; rows join between steps and leave when done.
 
     All rows share the settings of `config.batch_key()` (policy, temperature, top-k/p, penalty,
-    threshold, guidance, schedule); prompt, length, steps, blocks, seed, stop strings and EOS handling
+    threshold, factor, guidance, schedule, cache); prompt, length, steps, blocks, seed, stop strings and EOS handling
     are per row. `mode` is "generate" (rows end at EOS, a stop string, or full length) or "infill"
     (rows end when every mask is filled).
     """
@@ -113,6 +120,15 @@ class Denoiser:
         self.texts: list[SettledText | None] = []
         self.forward_passes = 0
         self.steps = 0
+        self.cache: EncoderCache | None = None  # keys/values of the rows' canvases (rows x2 with guidance)
+        if config.cache != "none":
+            if not supports(lm):
+                raise UsageError(
+                    f"cache {config.cache!r} needs a {'/'.join(SUPPORTED)} encoder, not "
+                    f"{lm.hf_model.config.model_type!r}; use cache 'none'"
+                )
+            self.cache = EncoderCache(lm)
+        self.cached_steps = 0  # steps since the cache's last full forward
 
     def decode(self, ids: list[int]) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
@@ -173,6 +189,8 @@ class Denoiser:
         else:
             self.rows = new
         self.keys += keys
+        if self.cache is not None:
+            self.cache.clear()  # the next step refreshes it with the new rows
         track = track_text or bool(config.stop)
         self.texts += [SettledText(self.decode, tuple(config.stop)) if track else None for _ in range(n)]
         return keys
@@ -199,7 +217,12 @@ class Denoiser:
         r["block_masks"] = torch.where(entering, candidates.sum(dim=1), r["block_masks"])
         r["block"] = block
 
-        logits = self._logits(x, r["attention"], candidates, r["prompt"])[:, : self.vocab].float()
+        # a cached step recomputes the columns [since, until): the block (dual), or the block and all after it
+        since = r["start"] + lo
+        until = since + r["block_length"] if self.config.cache == "dual" else r["attention"].sum(dim=1)
+        refresh = self._refresh_due(entering)
+        logits = self._logits(x, r["attention"], candidates, r["prompt"], since, until, refresh)
+        logits = logits[:, : self.vocab].float()
         cand_rows, cand_pos = candidates.nonzero(as_tuple=True)
         logits[:, self.banned] = float("-inf")
         if self.eos is not None and self.eos < self.vocab:
@@ -216,6 +239,8 @@ class Denoiser:
         row_scores[candidates] = score
         if config.policy == "threshold":
             reveal = policies.select_threshold(row_scores, config.threshold)
+        elif config.policy == "factor":
+            reveal = policies.select_factor(row_scores, config.factor)
         elif config.policy == "ancestral":
             row_uniforms = torch.ones(x.shape, dtype=torch.float64, device=self.device)
             row_uniforms[candidates] = order
@@ -239,16 +264,39 @@ class Denoiser:
             self._keep(torch.tensor([f is None for f in finished], dtype=torch.bool))
         return batch
 
-    def _logits(self, x, attention, candidates, prompt) -> torch.Tensor:
-        """Logits at the candidates; with guidance, un + (w + 1)(cond - un), the prompt masked for `un`."""
-        if self.config.cfg_scale <= 0:
-            return self.lm(x, attention, positions=candidates)
-        unconditional = x.masked_fill(prompt, self.lm.mask_id)
-        both = self.lm(
-            torch.cat([x, unconditional]), torch.cat([attention, attention]), positions=torch.cat([candidates] * 2)
-        )
-        cond, uncond = both.chunk(2)
+    def _logits(self, x, attention, candidates, prompt, since, until, refresh: bool) -> torch.Tensor:
+        """Logits at the candidates; with guidance, un + (w + 1)(cond - un), the prompt masked for `un`.
+        With a cache: a full forward if `refresh`, else the columns [since, until) of each row only."""
+        guidance = self.config.cfg_scale > 0
+        if guidance:  # both branches in one batch (and one cache): conditional rows, then unconditional ones
+            x = torch.cat([x, x.masked_fill(prompt, self.lm.mask_id)])
+            attention, candidates = torch.cat([attention, attention]), torch.cat([candidates, candidates])
+            since, until = torch.cat([since, since]), torch.cat([until, until])
+        if self.cache is None:
+            logits = self.lm(x, attention, positions=candidates)
+        else:
+            logits = self.lm.head(self._cached_hidden(x, attention, candidates, since, until, refresh))
+        if not guidance:
+            return logits
+        cond, uncond = logits.chunk(2)
         return guided(cond, uncond, self.config.cfg_scale)
+
+    def _refresh_due(self, entering: torch.Tensor) -> bool:
+        if self.cache is None:
+            return False
+        every = self.config.refresh_every
+        due = self.cache.empty or bool(entering.any()) or (every is not None and self.cached_steps + 1 >= every)
+        self.cached_steps = 0 if due else self.cached_steps + 1
+        return due
+
+    def _cached_hidden(self, x, attention, candidates, since, until, refresh: bool) -> torch.Tensor:
+        """Hidden states at the candidates: a full forward that refreshes the cache, or the cached forward
+        of the columns [since, until) of each row (they hold its candidates)."""
+        if refresh:
+            return self.cache.refresh(x, attention)[candidates]
+        positions, valid = spans(since, until)
+        hidden = self.cache.forward(x, attention, positions)
+        return hidden[candidates.gather(1, positions) & valid]
 
     # -- rows leaving -------------------------------------------------------------------------
     def _finished(self, x: torch.Tensor, rel: torch.Tensor) -> list[RowResult | None]:
@@ -302,6 +350,12 @@ class Denoiser:
             width = int(self.rows["attention"].sum(dim=0).nonzero().max()) + 1
             for k in ("ids", "attention", "fillable", "prompt"):
                 self.rows[k] = self.rows[k][:, :width]
+            if self.cache is not None and not self.cache.empty:
+                index = keep.nonzero().flatten()
+                branches = 2 if self.config.cfg_scale > 0 else 1  # the cache's rows: one set per branch
+                self.cache.select(torch.cat([index + b * len(keep) for b in range(branches)]), width)
+        elif self.cache is not None:
+            self.cache.clear()
 
 
 def _pad_to(t: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -431,8 +485,8 @@ def generate(
     """Continue each prompt ("" for unconditional) by `max_new_tokens` tokens, or fewer if it stops.
 
     Options are SamplingConfig fields: steps, block_length, policy, temperature, top_k, top_p,
-    repetition_penalty, threshold, cfg_scale, schedule, stop, stop_at_eos, ban_eos, frame, seed,
-    truncate_prompt, history. Row i draws with seed + i.
+    repetition_penalty, threshold, factor, cfg_scale, schedule, stop, stop_at_eos, ban_eos, frame, cache,
+    refresh_every, seed, truncate_prompt, history. Row i draws with seed + i.
     """
     started = time.perf_counter()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
