@@ -77,6 +77,18 @@ def ppl_with_stderr(nlls: list[float]) -> tuple[float, float]:
     return math.exp(mean), math.exp(mean) * se
 
 
+def frame_pairs(rows: list[dict]) -> dict:
+    """Per policy: the closed frame's trigram PPL over the open frame's, paired over the same prompts."""
+    by = {(r["frame"], r["policy"]): r["nll_per_prompt"] for r in rows}
+    pairs = {}
+    for (frame, policy), closed in by.items():
+        if frame == "closed" and ("open", policy) in by:
+            diffs = [a - b for a, b in zip(closed, by[("open", policy)], strict=True)]
+            ratio, se = ppl_with_stderr(diffs)
+            pairs[policy] = {"ppl_ratio_closed_over_open": ratio, "stderr": se}
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
@@ -146,6 +158,7 @@ def main() -> None:
                     "mean_tokens_with_eos": statistics.fmean(len(t) for t in stopping.token_ids),
                     "ends_with_period_share": sum(t.rstrip().endswith(".") for t in stopping.texts) / len(prompts),
                     "example": full.texts[0],
+                    "nll_per_prompt": nlls,
                 }
             )
             r = rows[-1]
@@ -160,11 +173,18 @@ def main() -> None:
         f"held-out continuations ({n} tokens after the same prompts): "
         f"trigram PPL {reference[0]:.1f} ± {reference[1]:.1f}"
     )
+    paired = frame_pairs(rows)
+    for policy, pair in paired.items():
+        say(
+            f"{policy}: trigram PPL closed / open = {pair['ppl_ratio_closed_over_open']:.3f} "
+            f"± {pair['stderr']:.3f} (paired over prompts)"
+        )
     if args.json:
         print(
             json.dumps(
                 {
                     "rows": rows,
+                    "frame_paired": paired,
                     "heldout_ngram_ppl": reference[0],
                     "heldout_ngram_ppl_stderr": reference[1],
                     "prompts": len(prompts),

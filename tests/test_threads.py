@@ -20,7 +20,9 @@ def test_idle_cpus_reads_proc_stat():
 
 
 def _torch_threads(env: dict, *args) -> str:
-    code = "import sys; from diffutron.cli import main; main(sys.argv[1:]); import torch; print(torch.get_num_threads())"
+    code = (
+        "import sys; from diffutron.cli import main; main(sys.argv[1:]); import torch; print(torch.get_num_threads())"
+    )
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     done = subprocess.run(
         [sys.executable, "-c", code, *args, "info", "preset:tiny", "--json"],
