@@ -309,6 +309,7 @@ BAD_REQUESTS = [
     ("/v1/score", {"text": ""}, "nothing to score"),
     ("/v1/score", {"text": "a b c", "mask_ratio": 1.5}, "mask ratio"),
     ("/v1/score", {"text": "a" * 30_000}, "characters"),
+    ("/v1/score", {"text": "a b c", "elbo_samples": 1000}, "elbo_samples"),
 ]
 
 
@@ -331,6 +332,10 @@ def test_other_errors_and_the_server_survives(client, lm):
     assert client.get("/v1/completions").status_code == 405
     big = client.post("/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert big.status_code == 413 and "error" in big.json()
+    chunked = client.post(  # no Content-Length: counted as it arrives
+        "/v1/completions", content=(b"x" * (1 << 16) for _ in range(32)), headers={"content-type": "application/json"}
+    )
+    assert chunked.status_code == 413 and "error" in chunked.json()
     health = client.get("/health").json()
     assert health["active_rows"] == 0 and health["queued"] == 0
     assert client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}).status_code == 200

@@ -42,6 +42,9 @@ def serve(
     served.addHandler(handler)
     served.setLevel(logging.INFO)
     if host not in LOOPBACK and api_key is None:
-        err.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/]")
-    err.print(f"serving {lm.name} at {url(sock)}  (web page at /, OpenAI API at /v1; Ctrl-C stops)")
+        err.print(
+            f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/]",
+            soft_wrap=True,
+        )
+    err.print(f"serving {lm.name} at {url(sock)}  (web page at /, OpenAI API at /v1; Ctrl-C stops)", soft_wrap=True)
     run(create_app(lm, api_key=api_key, max_batch=max_batch, max_queue=max_queue), sock)

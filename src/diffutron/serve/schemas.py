@@ -19,7 +19,9 @@ from diffutron.sampling import SamplingConfig, generate, user_config
 # max_tokens when a request leaves it out: the library's own default of `generate`
 DEFAULT_MAX_TOKENS: int = inspect.signature(generate).parameters["max_new_tokens"].default
 MAX_STOPS, MAX_STOP_CHARS = 16, 200
-MAX_SCORE_CHARS = 20_000  # scoring runs between two denoising steps: keep it short
+# Scoring runs on the engine's thread between two denoising steps: running generations wait for it.
+# These caps keep the wait to a few seconds on a CPU with the shipped model.
+MAX_SCORE_CHARS, MAX_SCORE_SAMPLES, MAX_ELBO_SAMPLES = 10_000, 8, 64
 MAX_FILL_MASK_TOP_K = 100
 
 
@@ -176,8 +178,8 @@ class FillMaskRequest(Body):
 class ScoreRequest(Body):
     text: str | list[str]
     mask_ratio: float | None = None  # the PPL's mask ratio [default: evaluate's]
-    samples: int | None = Field(None, ge=1, le=32)  # passes with fresh masks; 2+ give the PPL's standard error
-    elbo_samples: int | None = Field(None, ge=0, le=256)  # strata of the ELBO bound; 0 skips it
+    samples: int | None = Field(None, ge=1, le=MAX_SCORE_SAMPLES)  # passes with fresh masks; 2+ give a standard error
+    elbo_samples: int | None = Field(None, ge=0, le=MAX_ELBO_SAMPLES)  # strata of the ELBO bound; 0 skips it
     seed: int | None = Field(None, ge=0)
 
     def texts(self) -> list[str]:
