@@ -123,7 +123,7 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
 
             prompts = rows_of()
             rows = [p for p in prompts for _ in range(body.n)]
-            canvas = generation_canvas(lm, rows, max_tokens, frame=config.frame)
+            canvas = generation_canvas(lm, rows, max_tokens, truncate_prompt=config.truncate_prompt, frame=config.frame)
             prefix = len(lm.special_affixes[0])
             prompt_tokens = sum(int(s) - prefix for s in canvas.gen_start[:: body.n])
             return Prepared(canvas, config, prompt_tokens)

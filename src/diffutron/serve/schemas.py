@@ -9,12 +9,14 @@ that have no meaning for a diffusion model, refused with a reason instead of ign
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from diffutron.errors import UsageError
 from diffutron.sampling import SamplingConfig, generate, user_config
+from diffutron.sampling.config import FIELDS
 
 # max_tokens when a request leaves it out: the library's own default of `generate`
 DEFAULT_MAX_TOKENS: int = inspect.signature(generate).parameters["max_new_tokens"].default
@@ -41,37 +43,42 @@ class Body(BaseModel):
     model: str | None = None
 
 
-class Sampling(Body):
-    """The settings of `user_config`, under the same names (`temperature`, `top_p`, `seed` are OpenAI's)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    steps: int | None = None
-    policy: str | None = None
-    threshold: float | None = None
-    repetition_penalty: float | None = None
-    cfg_scale: float | None = None
-    schedule: str | None = None
+class SamplingFields(Body):
+    """Request fields named as SamplingConfig's settings (`temperature`, `top_p`, `seed` are also OpenAI's)."""
 
     def sampling_config(self, mode: str, **more) -> SamplingConfig:
-        names = Sampling.model_fields.keys() - Body.model_fields.keys()
-        return user_config(mode, **{name: getattr(self, name) for name in names}, **more)
+        given = {name: getattr(self, name) for name in type(self).model_fields if name in SETTINGS - _NOT_FIELDS}
+        return user_config(mode, **given, **more)
+
+
+# Every setting of SamplingConfig is a request field of the same name (a new sampler setting is served
+# as it appears), except: `stop` and `stop_at_eos` (OpenAI's `stop`, a string or a list, and vLLM's
+# `ignore_eos`), `history` (not a request's business), and for infill the generation canvas's own.
+SETTINGS = set(FIELDS)
+_HINTS = typing.get_type_hints(SamplingConfig)
+_NOT_FIELDS = {"stop", "stop_at_eos", "history"}
+_GENERATION_ONLY = {"block_length", "frame", "ban_eos", "truncate_prompt"}
+
+
+def _settings(leave_out: set[str]) -> dict:
+    return {name: (_HINTS[name] | None, None) for name in FIELDS if name not in leave_out}
+
+
+GenerationSampling = create_model("GenerationSampling", __base__=SamplingFields, **_settings(_NOT_FIELDS))
+InfillSampling = create_model("InfillSampling", __base__=SamplingFields, **_settings(_NOT_FIELDS | _GENERATION_ONLY))
 
 
 class StreamOptions(Body):
     include_usage: bool = False
 
 
-class Generation(Sampling):
+class Generation(GenerationSampling):
     """What completions and chat completions share."""
 
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    block_length: int | None = None
     ignore_eos: bool | None = None  # vLLM's name: do not end the text at the end-of-sequence token
     stream_canvas: bool = False  # with stream: a `diffutron.step` event per step with the whole canvas
     user: str | None = None
@@ -85,7 +92,7 @@ class Generation(Sampling):
         if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
             raise BadRequest(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
         eos = None if self.ignore_eos is None else not self.ignore_eos
-        return self.sampling_config("generate", stop=stops or None, block_length=self.block_length, stop_at_eos=eos)
+        return self.sampling_config("generate", stop=stops or None, stop_at_eos=eos)
 
     def refuse_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -159,7 +166,7 @@ class ChatRequest(Generation):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-class InfillRequest(Sampling):
+class InfillRequest(InfillSampling):
     text: str | list[str]  # with <mask> (one token) / <mask*N> (N tokens)
     stream: bool = False  # a `diffutron.step` event per step, then the result
 
