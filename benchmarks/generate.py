@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--frame", default="open", choices=["open", "closed"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
 
     import torch
@@ -55,12 +57,16 @@ def main() -> None:
     from diffutron.model import DiffusionLM
     from diffutron.sampling import generate
 
-    lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device="cpu", dtype=torch.float32, seed=0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device=args.device, dtype=dtype, seed=0)
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
     shape = dict(gen_length=args.new_tokens, steps=args.steps, block_length=args.block_length, frame=args.frame)
     runs = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = prompts_of_length(lm, batch, args.prompt_tokens)
         generate(lm, prompts, max_new_tokens=8, steps=2, stop_at_eos=False)  # warm-up
+        llada_generate_batch(lm, prompts, gen_length=8, steps=2, block_length=8, frame=args.frame)
+        sync()
         start = time.perf_counter()
         fast = generate(
             lm,
@@ -72,9 +78,11 @@ def main() -> None:
             stop_at_eos=False,
             frame=args.frame,
         )
+        sync()
         fast_s = time.perf_counter() - start
         start = time.perf_counter()
         reference = llada_generate_batch(lm, prompts, **shape)
+        sync()
         ref_s = time.perf_counter() - start
         tokens = batch * args.new_tokens
         runs.append(
@@ -107,6 +115,8 @@ def main() -> None:
         "preset": args.preset,
         "threads": torch.get_num_threads(),
         "frame": args.frame,
+        "device": str(lm.device),
+        "dtype": args.dtype,
         "shape": f"{args.prompt_tokens}+{args.new_tokens} tokens, {args.steps} steps, block {args.block_length}",
     }
     if args.json:
