@@ -2,6 +2,7 @@ import gzip
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -135,30 +136,60 @@ def test_exact_and_near_duplicates():
 
 
 # -- packing --------------------------------------------------------------------------------------
-DOCS = [[10 + i] * n for i, n in enumerate([5, 17, 3, 40, 1, 22])]
+DOCS = [[10 + i] * n for i, n in enumerate([5, 17, 3, 40, 1, 22, 0, 15])]
 
 
-@pytest.mark.parametrize("tail", ["pad", "keep", "drop"])
-def test_packing_loses_and_repeats_no_token(tail):
-    packer = Packer(PackConfig(max_length=16, tail=tail), prefix=[2], suffix=[3], pad_id=0)
-    blocks = [b for d in DOCS for b in packer.add(d)] + packer.finish()
-    stream = [t for d in DOCS for t in d + [3]]
-    body = [t for ids, n in blocks for t in ids[1:n]]
-    assert all(ids[0] == 2 for ids, _ in blocks)
-    if tail == "drop":
-        assert all(len(ids) == 16 for ids, _ in blocks) and body == stream[: len(body)]
-        assert len(stream) - len(body) < 15
-    else:
-        assert body == stream
-        lengths = [len(ids) for ids, _ in blocks]
-        assert all(n == 16 for n in lengths[:-1]) and (lengths[-1] == 16 if tail == "pad" else lengths[-1] <= 16)
+def _reference_blocks(docs, config, prefix=(2,), suffix=(3,), pad=0):
+    """The packing rules, written plainly: [(ids padded to max_length, real length)]."""
+    prefix, suffix, room, blocks = list(prefix), list(suffix), config.max_length - len(prefix), []
+    if config.mode == "document":
+        room -= len(suffix)
+        for d in docs:
+            for i in range(0, max(len(d), 1), room):
+                block = prefix + d[i : i + room] + suffix
+                blocks.append((block + [pad] * (config.max_length - len(block)), len(block)))
+        return blocks
+    stream = [t for d in docs for t in d + suffix]
+    while len(stream) >= room:
+        blocks.append((prefix + stream[:room], config.max_length))
+        stream = stream[room:]
+    if stream and config.tail != "drop":
+        block = prefix + stream
+        blocks.append((block + [pad] * (config.max_length - len(block)), len(block)))
+    return blocks
 
 
-def test_document_aligned_packing():
-    packer = Packer(PackConfig(max_length=16, mode="document"), prefix=[2], suffix=[3], pad_id=0)
-    blocks = [b for d in DOCS for b in packer.add(d)] + packer.finish()
-    assert all(len(ids) == 16 and ids[0] == 2 and ids[n - 1] == 3 for ids, n in blocks)
-    assert [t for ids, n in blocks for t in ids[1 : n - 1]] == [t for d in DOCS for t in d]
+@pytest.mark.parametrize("mode, tail", [("pack", "pad"), ("pack", "keep"), ("pack", "drop"), ("document", "pad")])
+def test_packing_matches_the_plain_rules(mode, tail):
+    config = PackConfig(max_length=16, mode=mode, tail=tail)
+    packer = Packer(config, prefix=[2], suffix=[3], pad_id=0)
+    ids, lengths = [], []
+    for i, doc in enumerate(DOCS):
+        packer.add(np.array(doc, dtype=np.int32))
+        if i % 3 == 1:  # blocks taken at any point are the same blocks
+            block_ids, block_lengths = packer.take()
+            ids += block_ids.tolist()
+            lengths += block_lengths.tolist()
+    block_ids, block_lengths = packer.finish()
+    ids += block_ids.tolist()
+    lengths += block_lengths.tolist()
+    assert list(zip(ids, lengths, strict=True)) == _reference_blocks(DOCS, config)
+    if mode == "pack" and tail != "drop":  # no token lost or repeated
+        assert [t for row, n in zip(ids, lengths, strict=True) for t in row[1:n]] == [t for d in DOCS for t in d + [3]]
+
+
+# -- encoding ------------------------------------------------------------------------------------
+def test_token_encoder_matches_the_tokenizer_and_cuts_long_documents_where_ids_do_not_change(tokenizer):
+    from diffutron.data import bundled_documents
+    from diffutron.data.encode import TokenEncoder, cut_points
+
+    texts = [d.text for d in bundled_documents("heldout")][:60] + ["", "[SEP] içinde özel belirteç"]
+    reference = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert [ids.tolist() for ids in TokenEncoder(tokenizer)(texts)] == reference
+    long = "  ".join(texts) + " 1234567890" * 30 + "\n\n" + "x" * 700  # double spaces, digits, no space at all
+    small = TokenEncoder(tokenizer, piece_chars=300, batch_chars=1000)
+    assert len(list(cut_points(long, 300))) > 20
+    assert small([long, TR])[0].tolist() == tokenizer(long, add_special_tokens=False)["input_ids"]
 
 
 # -- mixture and prepare --------------------------------------------------------------------------
@@ -168,7 +199,7 @@ def _corpus(tmp_path, name, prefix, n):
     return str(path)
 
 
-def test_mixture_weights_and_budgets_are_seeded(tmp_path):
+def test_mixture_weights_are_seeded_and_budgets_stop_a_source(tmp_path):
     a, b = _corpus(tmp_path, "a", "Birinci kaynak belgesi", 400), _corpus(tmp_path, "b", "İkinci kaynak belgesi", 400)
     specs = [SourceSpec(a, weight=3, name="a"), SourceSpec(b, weight=1, name="b")]
 
@@ -183,11 +214,13 @@ def test_mixture_weights_and_budgets_are_seeded(tmp_path):
     budget = Mixture(
         [SourceSpec(a, tokens=100, name="a"), SourceSpec(b, name="b")], 0, {"a": Counter(), "b": Counter()}
     )
-    seen = Counter()
-    for name, _ in budget:
-        seen[name] += 1
-        budget.consume(name, 30)
-    assert seen["a"] == 4 and seen["b"] == 400
+    documents, kept = iter(budget), Counter()
+    for _ in range(10):
+        name, _ = next(documents)
+        kept[name] += budget.consume(name, 30, chunk=0)
+    assert kept["a"] == 4  # 4 x 30 tokens reach 100: later documents of a are dropped ...
+    budget.settle(0)  # ... and a is no longer drawn once the chunk that reached the budget is settled
+    assert {name for name, _ in documents} == {"b"}
 
 
 def test_fractions_split_a_source_into_stable_disjoint_parts(tmp_path):
@@ -202,49 +235,142 @@ def test_fractions_split_a_source_into_stable_disjoint_parts(tmp_path):
         texts(fraction=0.6, fraction_offset=0.5)
 
 
-def test_prepare_counts_bad_lines_writes_shards_and_resumes(tmp_path):
+def _rows(folder):
     from datasets import load_from_disk
+
+    return load_from_disk(str(folder))["input_ids"]
+
+
+def test_prepare_counts_bad_lines_writes_balanced_shards_and_resumes(tmp_path):
+    from datasets import load_dataset
     from datasets.distributed import split_dataset_by_node
 
     good = _corpus(tmp_path, "good", "Belge", 300)
     with open(good, "a") as f:
         f.write('not json\n{"text": 3}\n{"başka": "x"}\n')
-    recipe = DataRecipe(sources=[SourceSpec(good)], pack=PackConfig(max_length=64, shard_size=50))
+    recipe = DataRecipe(sources=[SourceSpec(good)], pack=PackConfig(max_length=64, shard_size=100))
     recipe.clean.dedup_near = False  # the documents differ by one number only
     stats = prepare(recipe, tmp_path / "out")
-    assert stats["sources"][good]["rejected"] == {"bad_json": 1, "wrong_type": 1, "missing_field": 1}
-    assert stats["documents"]["kept"] == 300 and stats["shards"] > 2
-    dataset = load_from_disk(str(tmp_path / "out"))
-    assert len(dataset) == stats["sequences"] and all(len(r) == 64 for r in dataset["input_ids"])
+    source = stats["sources"][good]
+    assert source["rejected"] == {"bad_json": 1, "wrong_type": 1, "missing_field": 1}
+    assert source["kept"] == 300 and source["read"] == 303 == source["kept"] + sum(source["rejected"].values())
+    assert stats["documents"] == {"read": 303, "kept": 300, "rejected": 3}
+    dataset = load_from_disk_checked(tmp_path / "out", stats)
     real = sum(sum(m) for m in dataset["attention_mask"])
     assert real == 64 * stats["sequences"] - stats["padding_tokens"]
     assert real == stats["tokens"] + 300 + stats["sequences"]  # + a [SEP] per document, a [CLS] per block
-    parts = [split_dataset_by_node(dataset.to_iterable_dataset(num_shards=4), rank=r, world_size=2) for r in (0, 1)]
-    assert sum(1 for p in parts for _ in p) == len(dataset)
-    # a second run reuses the finished folder; a killed run (no stats.json) rewrites only missing shards
+    # shards of equal size: streamed over 2 nodes, each gets half the rows (before: 100 and the rest)
+    assert stats["shards"] == 2 and max(stats["shard_rows"]) - min(stats["shard_rows"]) <= 1
+    shards = sorted(str(p) for p in (tmp_path / "out").glob("data-*.arrow"))
+    streamed = load_dataset("arrow", data_files=shards, split="train", streaming=True)
+    assert streamed.num_shards == 2
+    counts = [sum(1 for _ in split_dataset_by_node(streamed, rank=r, world_size=2)) for r in (0, 1)]
+    assert sum(counts) == len(dataset) and abs(counts[0] - counts[1]) <= 1
+    # a second run reuses the finished folder; a killed one (no stats.json) writes only what is missing
     assert prepare(recipe, tmp_path / "out")["reused"]
-    (tmp_path / "out" / "stats.json").unlink()
-    (tmp_path / "out" / "data-00001.arrow").unlink()
+    for name in ("stats.json", "state.json", "data-00001.arrow"):
+        (tmp_path / "out" / name).unlink()
     again = prepare(recipe, tmp_path / "out")
-    assert again["shards_reused"] == stats["shards"] - 1
-    assert load_from_disk(str(tmp_path / "out"))["input_ids"] == dataset["input_ids"]
-    with pytest.raises(UsageError, match="another recipe"):
-        prepare(DataRecipe(sources=[SourceSpec(good)], seed=5), tmp_path / "out")
+    assert again["reused_files"]["shards"] == 1 and _rows(tmp_path / "out") == dataset["input_ids"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "data-00000.arrow",
+        "data-00001.arrow",
+        "dataset_info.json",
+        "recipe.json",
+        "state.json",
+        "stats.json",
+    ]
 
 
-def test_prepare_is_the_same_with_worker_processes(tmp_path):
+def load_from_disk_checked(folder, stats):
     from datasets import load_from_disk
 
-    source = _corpus(tmp_path, "c", "Belge", 600)
-    one = DataRecipe(sources=[SourceSpec(source)], pack=PackConfig(max_length=128))
-    two = DataRecipe(sources=[SourceSpec(source)], pack=PackConfig(max_length=128), num_proc=2)
-    a, b = prepare(one, tmp_path / "one"), prepare(two, tmp_path / "two")
-    assert (a["tokens"], a["sequences"], a["rejected_by_reason"]) == (
-        b["tokens"],
-        b["sequences"],
-        b["rejected_by_reason"],
-    )
-    assert load_from_disk(str(tmp_path / "one"))["input_ids"] == load_from_disk(str(tmp_path / "two"))["input_ids"]
+    dataset = load_from_disk(str(folder))
+    assert len(dataset) == stats["sequences"] == sum(stats["shard_rows"])
+    assert all(len(r) == stats["max_length"] for r in dataset["input_ids"])
+    return dataset
+
+
+def _interrupted(recipe, out, after_chunks=1):
+    """Run prepare and stop it as Ctrl-C would, once `after_chunks` chunks are written."""
+    seen = []
+
+    def stop(_):
+        seen.append(1)
+        if len(seen) >= after_chunks:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(recipe, out, progress=stop)
+
+
+def test_a_rerun_never_mixes_an_interrupted_folder_with_another_recipe_or_other_inputs(tmp_path, monkeypatch):
+    import diffutron.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "CHUNK", 50)
+    source = _corpus(tmp_path, "c", "Belge", 300)
+
+    def recipe(max_length):
+        r = DataRecipe(sources=[SourceSpec(source)], pack=PackConfig(max_length=max_length, shard_size=20))
+        r.clean.dedup_near = False
+        return r
+
+    out = tmp_path / "out"
+    _interrupted(recipe(64), out, after_chunks=3)
+    with pytest.raises(UsageError, match="another recipe.*--force"):  # 64- and 128-token rows, mixed
+        prepare(recipe(128), out)
+    with open(source, "a") as f:  # same recipe, other input: the shards written so far are stale
+        f.write(json.dumps({"text": f"Yeni bir belge. {TR}"}) + "\n")
+    with pytest.raises(UsageError, match="other input files"):
+        prepare(recipe(64), out)
+    (out / "notes.txt").write_text("mine")
+    replaced = prepare(recipe(128), out, force=True)
+    assert (out / "notes.txt").read_text() == "mine"  # --force deletes only what data prepare writes
+    fresh = prepare(recipe(128), tmp_path / "fresh")
+    assert _rows(out) == _rows(tmp_path / "fresh") and replaced["tokens"] == fresh["tokens"]
+    # a finished folder rerun with only num_proc changed is the same recipe: reused, no worker started
+    two = recipe(128)
+    two.num_proc = 2
+    assert prepare(two, tmp_path / "fresh")["reused"]
+
+
+def test_prepare_refuses_folders_it_did_not_write_and_replaces_a_bare_claim(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data-00000.arrow").write_text("someone else's")
+    for force in (False, True):
+        with pytest.raises(UsageError, match="no recipe.json"):
+            prepare(DataRecipe(), foreign, force=force)
+    assert (foreign / "data-00000.arrow").read_text() == "someone else's"
+    claimed = tmp_path / "claimed"  # a run that failed before writing data leaves recipe.json alone
+    with pytest.raises(UsageError, match="held-out"):
+        prepare(DataRecipe(sources=[SourceSpec("bundled:heldout")]), claimed)
+    assert [p.name for p in claimed.iterdir()] == ["recipe.json"]
+    small = DataRecipe(max_documents=100, pack=PackConfig(max_length=128))
+    assert prepare(small, claimed)["sequences"] > 0
+
+
+def test_prepare_is_the_same_with_worker_processes_and_token_budgets(tmp_path, monkeypatch):
+    import diffutron.data.prepare as prepare_module
+
+    # small chunks and a short budget lag, so that the budget is reached with chunks in flight
+    monkeypatch.setattr(prepare_module, "CHUNK", 16)
+    monkeypatch.setattr(prepare_module, "BUDGET_LAG", 4, raising=False)
+    a, b = _corpus(tmp_path, "a", "Belge", 400), _corpus(tmp_path, "b", "Başka bir kaynak", 400)
+
+    def recipe(num_proc):
+        sources = [SourceSpec(a, tokens=3000, name="a"), SourceSpec(b, name="b")]
+        r = DataRecipe(sources=sources, pack=PackConfig(max_length=128, shard_size=100), num_proc=num_proc)
+        r.clean.dedup_near = False  # the documents differ by one number only
+        return r
+
+    one, two = prepare(recipe(1), tmp_path / "one"), prepare(recipe(2), tmp_path / "two")
+    assert 3000 <= one["sources"]["a"]["tokens"] < 3200 and one["sources"]["b"]["kept"] > 300
+    drop = ("seconds", "recipe")
+    assert {k: v for k, v in one.items() if k not in drop} == {k: v for k, v in two.items() if k not in drop}
+    assert _rows(tmp_path / "one") == _rows(tmp_path / "two")
+    for name in ("data-00000.arrow", "data-00001.arrow"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_a_source_without_documents_is_an_error(tmp_path):

@@ -8,6 +8,11 @@ main process so that it sees every document.
 
 Turkish casing: `turkish_lower` maps I -> ı and İ -> i before lowering; Python's `str.lower()`
 would turn "I" into "i" and "İ" into "i̇" (i + combining dot).
+
+Memory stays a small multiple of the document's size, whatever its length (one 50 MB line is a
+document too): no rule builds a Python object per character, and the word-level work (the language
+filter's word counts, deduplication keys) runs on pieces of `PIECE` characters cut at whitespace,
+which gives the same result as the whole text at once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 TURKISH_LETTERS = set("abcçdefgğhıijklmnoöprsştuüvyzâîû")
@@ -57,8 +63,13 @@ def normalized_for_dedup(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", turkish_lower(text)).split())
 
 
+PIECE = 1 << 18  # characters of a long text normalised at a time
+SHINGLE_BATCH = 1 << 13  # shingles hashed into a MinHash at a time
+
+
 @dataclass
 class CleanConfig:
+    enabled: bool = True  # false: no cleaning rule and no deduplication, documents are tokenized as read
     min_chars: int = 20
     max_chars: int = 1_000_000
     min_tokens: int = 0  # checked after tokenization
@@ -85,8 +96,11 @@ class CleanStats:
 
 def clean_text(text: str, config: CleanConfig, stats: CleanStats) -> str | None:
     """The cleaned text, or None (and the reason counted) when the document is rejected."""
-    normalized = unicodedata.normalize("NFC", text)
-    if normalized != text:
+    if not config.enabled:
+        return text
+    normalized = text
+    if not unicodedata.is_normalized("NFC", text):  # a check that copies nothing
+        normalized = "".join(unicodedata.normalize("NFC", piece) for piece in text_pieces(text))
         stats.modified["nfc"] += 1
     text = CONTROL.sub("", normalized)
     if len(text) != len(normalized):
@@ -108,7 +122,7 @@ def clean_text(text: str, config: CleanConfig, stats: CleanStats) -> str | None:
         if len(kept) != len(lines):
             stats.modified["boilerplate_lines"] += len(lines) - len(kept)
             text = "\n".join(kept)
-    spaced = re.sub(r"\n{3,}", "\n\n", "\n".join(" ".join(line.split()) for line in text.split("\n"))).strip()
+    spaced = normalize_whitespace(text)
     if spaced != text:
         stats.modified["whitespace"] += 1
     text = spaced
@@ -124,25 +138,54 @@ def clean_text(text: str, config: CleanConfig, stats: CleanStats) -> str | None:
     return text
 
 
-_LETTER = re.compile(r"[^\W\d_]")
-_TURKISH_LETTER = re.compile(f"[{''.join(sorted(TURKISH_LETTERS))}]")
-_TURKISH_ONLY = re.compile(f"[{''.join(sorted(TURKISH_ONLY))}]")
+def normalize_whitespace(text: str) -> str:
+    """Runs of spaces and tabs within a line become one space, lines are stripped, at most one blank
+    line in a row; the same as splitting every line into words and joining them, without the words."""
+    text = _LINE_END_SPACE.sub("", _INNER_SPACE.sub(" ", text))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+# whitespace as str.split() sees it, but the line break: runs, or one character that is not a space
+# (a single space matches nothing, so that substituting in common text copies it once, not word by word)
+_INNER_SPACE = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
+_LINE_END_SPACE = re.compile(r"(?m)^ | $")
+_BLANK_LINES = re.compile(r"\n{3,}")
+# Letters outside the Turkish alphabet: what remains once Turkish letters, non-word characters, digits
+# and "_" are removed (a letter is a word character that is not a digit or "_", as `[^\W\d_]`).
+_NON_TURKISH_LETTERS = re.compile(f"[{''.join(sorted(TURKISH_LETTERS))}\\W\\d_]+")
+_WHITESPACE = re.compile(r"\s")
+
+
+def text_pieces(text: str, size: int = PIECE) -> Iterator[str]:
+    """`text` in consecutive pieces of about `size` characters, each cut just before a whitespace
+    character: word-level work on the pieces sees the same words as on the whole text."""
+    start = 0
+    while len(text) - start > size:
+        cut = _WHITESPACE.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start : cut.start()]
+        start = cut.start()
+    yield text[start:]
 
 
 def looks_turkish(text: str, config: CleanConfig) -> bool:
     """Letters mostly of the Turkish alphabet; for longer texts also Turkish-only letters or function words."""
-    lowered = turkish_lower(text)
-    letters = len(_LETTER.findall(lowered))
-    if not letters:
+    turkish = letters = specific = words = stopwords = 0
+    for piece in text_pieces(text):
+        lowered = turkish_lower(piece)
+        turkish += sum(lowered.count(ch) for ch in TURKISH_LETTERS)  # str.count: no object per character
+        letters += len(_NON_TURKISH_LETTERS.sub("", lowered))  # letters outside the Turkish alphabet
+        specific += sum(lowered.count(ch) for ch in TURKISH_ONLY)
+        piece_words = normalized_for_dedup(piece).split()
+        words += len(piece_words)
+        stopwords += sum(map(STOPWORDS.__contains__, piece_words))
+    letters += turkish
+    if not letters or turkish / letters < config.min_turkish_letter_share:
         return False
-    if len(_TURKISH_LETTER.findall(lowered)) / letters < config.min_turkish_letter_share:
-        return False
-    words = normalized_for_dedup(text).split()
-    if len(words) < 20:
+    if words < 20:
         return True
-    specific = len(_TURKISH_ONLY.findall(lowered)) / letters
-    stopwords = sum(w in STOPWORDS for w in words) / len(words)
-    return specific >= config.min_specific_share or stopwords >= config.min_stopword_share
+    return specific / letters >= config.min_specific_share or stopwords / words >= config.min_stopword_share
 
 
 class Deduplicator:
@@ -182,11 +225,29 @@ class Deduplicator:
         return None
 
 
-def dedup_keys(text: str, config: CleanConfig):
-    """(exact digest, MinHash or None) of a cleaned text; computed where the work is parallel."""
-    normal = normalized_for_dedup(text)
-    digest = hashlib.blake2b(normal.encode(), digest_size=8).digest()
-    return digest, minhash(normal, config.num_perm) if config.dedup_near else None
+def dedup_keys(text: str, config: CleanConfig, piece: int = PIECE):
+    """(exact digest, MinHash or None) of a cleaned text; computed where the work is parallel.
+
+    The same as `blake2b(normalized_for_dedup(text))` and `minhash(normalized_for_dedup(text))`,
+    computed piece by piece so that a long text never exists as a list of its words or shingles.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    signature = _new_minhash(config.num_perm) if config.dedup_near else None
+    carry: list[str] = []  # the last 4 words so far: shingles span pieces
+    count = 0
+    for part in text_pieces(text, piece):
+        words = normalized_for_dedup(part).split()
+        if not words:
+            continue
+        digest.update(((" " if count else "") + " ".join(words)).encode())
+        count += len(words)
+        if signature is not None:
+            window = carry + words
+            shingles = list({" ".join(window[i : i + 5]).encode() for i in range(len(window) - 4)})
+            for start in range(0, len(shingles), SHINGLE_BATCH):  # datasketch hashes a [num_perm, batch] matrix
+                signature.update_batch(shingles[start : start + SHINGLE_BATCH])
+            carry = window[-4:]
+    return digest.digest(), signature if signature is not None and count >= 5 else None
 
 
 @functools.cache
@@ -197,22 +258,25 @@ def _minhash_template(num_perm: int):
     return MinHash(num_perm=num_perm, seed=1)
 
 
-def minhash(normal_text: str, num_perm: int):
-    """MinHash of word 5-gram shingles; None for texts too short to shingle (exact dedup covers them)."""
+def _new_minhash(num_perm: int):
     import xxhash
     from datasketch import MinHash
 
-    words = normal_text.split()
-    if len(words) < 5:
-        return None
-    shingles = {" ".join(words[i : i + 5]).encode() for i in range(len(words) - 4)}
     template = _minhash_template(num_perm)
-    signature = MinHash(
+    return MinHash(
         num_perm=num_perm,
         seed=1,
         hashfunc=xxhash.xxh32_intdigest,
         scheme=template.scheme,
         permutations=template.permutations,
     )
-    signature.update_batch(list(shingles))
+
+
+def minhash(normal_text: str, num_perm: int):
+    """MinHash of word 5-gram shingles; None for texts too short to shingle (exact dedup covers them)."""
+    words = normal_text.split()
+    if len(words) < 5:
+        return None
+    signature = _new_minhash(num_perm)
+    signature.update_batch(list({" ".join(words[i : i + 5]).encode() for i in range(len(words) - 4)}))
     return signature

@@ -6,17 +6,14 @@ its beginning tokens ([CLS]): `[CLS] doc1 [SEP] doc2 [SEP] doc3...`. No token is
 stream's tail is padded (`tail="pad"`, with an attention mask), kept shorter (`"keep"`) or dropped.
 Document-aligned (`mode="document"`): each document alone, `[CLS] chunk [SEP]`, padded.
 
-Shards (`data-00000.arrow`, ...) are written to a temporary name and renamed when complete, so a
-killed run never leaves a half-written shard; a rerun skips shards that exist. Many shards let
-`datasets.distributed.split_dataset_by_node` hand disjoint parts to many training processes.
+The blocks go to `diffutron.data.folder`, which writes them as Arrow shards.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
+
+import numpy as np
 
 MODES = ("pack", "document")
 TAILS = ("pad", "keep", "drop")
@@ -27,7 +24,7 @@ class PackConfig:
     max_length: int = 512
     mode: str = "pack"
     tail: str = "pad"
-    shard_size: int = 4096  # sequences per shard
+    shard_size: int = 4096  # sequences per shard, at most (shards are of equal size, ± 1)
 
     def validate(self) -> None:
         from diffutron.errors import UsageError
@@ -43,100 +40,61 @@ class PackConfig:
 
 
 class Packer:
-    """A stream of documents' token ids in, complete blocks out: (input_ids, real length)."""
+    """Documents' token ids in (int32 arrays, in order), complete blocks out.
+
+    `take()` returns the blocks completed so far as (ids [n, max_length], lengths [n]): every row is
+    `max_length` wide, padded with `pad_id` after its `length` real tokens.
+    """
 
     def __init__(self, config: PackConfig, prefix: list[int], suffix: list[int], pad_id: int):
-        self.config, self.prefix, self.suffix, self.pad_id = config, prefix, suffix, pad_id
-        self.room = config.max_length - len(prefix)
-        self.buffer: list[int] = []
+        self.config, self.pad_id = config, pad_id
+        self.prefix, self.suffix = np.asarray(prefix, dtype=np.int32), np.asarray(suffix, dtype=np.int32)
+        self.room = config.max_length - len(prefix)  # tokens of the stream per block
+        self.stream: list[np.ndarray] = []  # pack mode: documents and separators not yet in a block
+        self.documents: list[tuple[np.ndarray, np.ndarray]] = []  # document mode: blocks made
 
-    def add(self, ids: list[int]) -> list[tuple[list[int], int]]:
+    def add(self, ids: np.ndarray) -> None:
         if self.config.mode == "document":
             room = self.room - len(self.suffix)
-            return [self._pad(self.prefix + ids[i : i + room] + self.suffix) for i in range(0, max(len(ids), 1), room)]
-        self.buffer.extend(ids)
-        self.buffer.extend(self.suffix)
-        blocks = []
-        while len(self.buffer) >= self.room:
-            blocks.append((self.prefix + self.buffer[: self.room], self.config.max_length))
-            del self.buffer[: self.room]
-        return blocks
+            pieces = [ids[i : i + room] for i in range(0, max(len(ids), 1), room)]
+            self.documents.append(self._rows([np.concatenate([p, self.suffix]) for p in pieces]))
+        else:
+            self.stream += [ids, self.suffix]
 
-    def finish(self) -> list[tuple[list[int], int]]:
-        tail, self.buffer = self.buffer, []
-        if self.config.mode == "document" or not tail or self.config.tail == "drop":
-            return []
-        block = self.prefix + tail
-        return [self._pad(block)] if self.config.tail == "pad" else [(block, len(block))]
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.config.mode == "document":
+            done, self.documents = self.documents, []
+            return _stack(done, self.config.max_length)
+        stream = np.concatenate(self.stream) if self.stream else np.zeros(0, np.int32)
+        count = len(stream) // self.room
+        self.stream = [stream[count * self.room :]]
+        ids = np.empty((count, self.config.max_length), dtype=np.int32)
+        ids[:, : len(self.prefix)] = self.prefix
+        ids[:, len(self.prefix) :] = stream[: count * self.room].reshape(count, self.room)
+        return ids, np.full(count, self.config.max_length, dtype=np.int32)
 
-    def _pad(self, block: list[int]) -> tuple[list[int], int]:
-        return block + [self.pad_id] * (self.config.max_length - len(block)), len(block)
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """The blocks still to take, with the stream's tail as the config says (pad, keep or drop)."""
+        ids, lengths = self.take()
+        tail = self.stream[0] if self.stream else np.zeros(0, np.int32)
+        self.stream = []
+        if self.config.mode == "document" or not len(tail) or self.config.tail == "drop":
+            return ids, lengths
+        last_ids, last_lengths = self._rows([tail])
+        return np.concatenate([ids, last_ids]), np.concatenate([lengths, last_lengths])
 
-
-class ShardWriter:
-    """Writes blocks into Arrow shards of `shard_size` sequences, atomically, skipping existing ones."""
-
-    def __init__(self, out: Path, config: PackConfig):
-        from datasets import Features, List, Value
-
-        self.out, self.config = out, config
-        columns = {"input_ids": List(Value("int32"))}
-        if config.padded:
-            columns["attention_mask"] = List(Value("int8"))
-        self.features = Features(columns)
-        self.pending: list[tuple[list[int], int]] = []
-        self.shards: list[str] = []
-        self.skipped = 0
-        out.mkdir(parents=True, exist_ok=True)
-
-    def add(self, blocks: list[tuple[list[int], int]]) -> None:
-        self.pending.extend(blocks)
-        while len(self.pending) >= self.config.shard_size:
-            self._write(self.pending[: self.config.shard_size])
-            del self.pending[: self.config.shard_size]
-
-    def close(self) -> None:
-        if self.pending:
-            self._write(self.pending)
-            self.pending = []
-        state = {
-            "_data_files": [{"filename": name} for name in self.shards],
-            "_fingerprint": "diffutron",
-            "_format_columns": None,
-            "_format_kwargs": {},
-            "_format_type": None,
-            "_output_all_columns": False,
-            "_split": None,
-        }
-        _write_json(self.out / "state.json", state)
-        _write_json(
-            self.out / "dataset_info.json",
-            {
-                "features": self.features.to_dict(),
-                "description": "Packed token blocks written by `diffutron data prepare`; see stats.json",
-            },
-        )
-
-    def _write(self, blocks: list[tuple[list[int], int]]) -> None:
-        import pyarrow as pa
-
-        name = f"data-{len(self.shards):05d}.arrow"
-        self.shards.append(name)
-        path = self.out / name
-        if path.exists():  # written completely by an earlier run of the same recipe
-            self.skipped += 1
-            return
-        columns = {"input_ids": [ids for ids, _ in blocks]}
-        if self.config.padded:
-            columns["attention_mask"] = [[1] * n + [0] * (len(ids) - n) for ids, n in blocks]
-        table = pa.Table.from_pydict(columns, schema=self.features.arrow_schema)
-        tmp = path.with_suffix(".arrow.tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
+    def _rows(self, bodies: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """[prefix + body], padded to max_length."""
+        ids = np.full((len(bodies), self.config.max_length), self.pad_id, dtype=np.int32)
+        ids[:, : len(self.prefix)] = self.prefix
+        lengths = np.empty(len(bodies), dtype=np.int32)
+        for row, body in enumerate(bodies):
+            ids[row, len(self.prefix) : len(self.prefix) + len(body)] = body
+            lengths[row] = len(self.prefix) + len(body)
+        return ids, lengths
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _stack(blocks: list[tuple[np.ndarray, np.ndarray]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    if not blocks:
+        return np.zeros((0, width), np.int32), np.zeros(0, np.int32)
+    return np.concatenate([ids for ids, _ in blocks]), np.concatenate([lengths for _, lengths in blocks])

@@ -1,13 +1,16 @@
 """`diffutron data prepare`: sources -> mixture -> clean -> deduplicate -> tokenize -> pack -> shards.
 
-Streaming end to end: documents flow through in chunks, so memory holds one chunk, the packer's
-buffer, one shard being filled and the deduplication index (a few bytes per distinct document),
-never the corpus. With `num_proc > 1`, cleaning, hashing and tokenization run in worker processes
-(ordered, so the output is the same for any num_proc); deduplication and packing stay in the main
+Streaming end to end: documents flow through in chunks (of `CHUNK` documents or `CHUNK_CHARS`
+characters), so memory holds a few chunks, the packer's buffer, one shard being filled and the
+deduplication index (a few bytes per distinct document), never the corpus; a single document of
+any length is cleaned, hashed and tokenized piece by piece (see `clean` and `encode`). With
+`num_proc > 1`, cleaning, hashing and tokenization run in worker processes (results consumed in
+order, so the output is the same for any num_proc); deduplication and packing stay in the main
 process, which sees every document.
 
-Rerunning the same recipe on the same `out` is idempotent: a finished folder is left as it is, and an
-interrupted one is rebuilt without rewriting the shards already complete.
+The output folder and its rerun rules are `diffutron.data.folder`'s: the fingerprint of the recipe
+and of its input files is written first; a rerun with the same fingerprint reuses a finished folder
+and finishes an interrupted one, anything else is refused unless `force`.
 """
 
 from __future__ import annotations
@@ -15,20 +18,30 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import random
+import signal
+import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from diffutron.data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, dedup_keys
-from diffutron.data.pack import PackConfig, Packer, ShardWriter, _write_json
-from diffutron.data.sources import Document, iter_documents
+from diffutron.data.folder import DatasetFolder
+from diffutron.data.pack import PackConfig, Packer
+from diffutron.data.sources import Document, input_files, iter_documents
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.tokenizer import special_affixes
 
-CHUNK = 256  # documents per unit of work
+CHUNK = 256  # documents per unit of work ...
+CHUNK_CHARS = 1 << 22  # ... or fewer, once they hold this many characters
+# A source that reaches its token budget stops being drawn from the chunk BUDGET_LAG chunks after the
+# one that reached it; the documents it yields meanwhile are dropped ("over_token_budget"). A fixed lag,
+# not "as soon as the main process learns of it", keeps the output the same for any num_proc.
+BUDGET_LAG = 32
 
 
 @dataclass
@@ -56,8 +69,41 @@ class DataRecipe:
     num_proc: int = 1
     max_documents: int | None = None  # stop after reading this many (a sample of a large corpus)
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+    def identity(self) -> dict:
+        """What the output depends on: the recipe but its num_proc, and the identity of its inputs
+        (each file's size and content hash, or modification time when larger than HASH_BYTES)."""
+        recipe = {k: v for k, v in asdict(self).items() if k != "num_proc"}
+        inputs = {s.name or s.spec: _files_identity(input_files(s.spec), s.spec) for s in self.sources}
+        if self.tokenizer == "bundled":
+            from importlib import resources
+
+            folder = Path(str(resources.files("diffutron") / "assets" / "tokenizer"))
+        else:
+            folder = Path(self.tokenizer)
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else None
+        inputs["tokenizer"] = _files_identity(files, self.tokenizer)
+        return {"recipe": recipe, "inputs": inputs}
+
+    def fingerprint(self, identity: dict | None = None) -> str:
+        identity = identity or self.identity()
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+HASH_BYTES = 1 << 24
+
+
+def _files_identity(files: list[Path] | None, name: str) -> list:
+    """[file, size, sha256 or mtime] per file (named relative to their common folder, so that the same
+    files elsewhere are the same input); [name] for what is not a local file (a Hub dataset)."""
+    if files is None:
+        return [name]
+    root = Path(os.path.commonpath([p.parent for p in files])) if files else Path()
+    identity = []
+    for path in files:
+        stat = path.stat()
+        content = hashlib.sha256(path.read_bytes()).hexdigest() if stat.st_size <= HASH_BYTES else stat.st_mtime_ns
+        identity.append([path.relative_to(root).as_posix(), stat.st_size, content])
+    return identity
 
 
 def load_tokenizer(name: str):
@@ -90,7 +136,8 @@ def _unit_hash(text: str) -> float:
 class Mixture:
     """Interleaves the sources' documents: by weight (seeded draws) or by token budget.
 
-    A source that runs out (or reaches its budget) leaves; the others go on in their proportions.
+    A source that runs out (or reaches its budget, see BUDGET_LAG) leaves; the others go on in their
+    proportions.
     """
 
     def __init__(self, sources: list[SourceSpec], seed: int, rejects: dict[str, Counter]):
@@ -117,12 +164,24 @@ class Mixture:
         }
         self.budgets = {name: s.tokens for name, s in zip(self.names, sources, strict=True) if s.tokens}
         self.tokens: Counter = Counter()
+        self.reached: dict[str, int] = {}  # source -> the chunk in which it reached its budget
         self.rng = random.Random(seed)
 
-    def consume(self, name: str, tokens: int) -> None:
+    def consume(self, name: str, tokens: int, chunk: int = 0) -> bool:
+        """Count a kept document's tokens; False (drop it) if its source had already reached its budget."""
+        budget = self.budgets.get(name)
+        if budget is not None and self.tokens[name] >= budget:
+            return False
         self.tokens[name] += tokens
-        if name in self.budgets and self.tokens[name] >= self.budgets[name]:
-            self.iterators.pop(name, None)
+        if budget is not None and self.tokens[name] >= budget:
+            self.reached[name] = chunk
+        return True
+
+    def settle(self, chunk: int) -> None:
+        """Stop drawing from the sources that reached their budget in chunk `chunk` or before."""
+        for name, reached in self.reached.items():
+            if reached <= chunk:
+                self.iterators.pop(name, None)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         while self.iterators:
@@ -139,12 +198,22 @@ _worker: dict = {}
 
 
 def _init_worker(tokenizer_name: str, clean: CleanConfig) -> None:
-    _worker["tokenizer"], _worker["clean"] = load_tokenizer(tokenizer_name), clean
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: num_proc workers fill the cores
+    _set_worker(load_tokenizer(tokenizer_name), clean)
 
 
-def _process_chunk(texts: list[str]) -> tuple[list[str | tuple], Counter]:
-    """Per document: its rejection reason, or (dedup digest, MinHash or None, token ids); and the
-    counts of the cleaning rules that modified documents."""
+def _set_worker(tokenizer, clean: CleanConfig) -> None:
+    from diffutron.data.encode import TokenEncoder
+
+    _worker["encode"], _worker["clean"] = TokenEncoder(tokenizer), clean
+
+
+def _process_chunk(texts: list[str]) -> tuple[list, Counter]:
+    """Per document: its rejection reason, or (dedup digest or None, MinHash or None, token ids); and
+    the counts of the cleaning rules that modified documents."""
+    from datasketch import LeanMinHash
+
     clean, modified = _worker["clean"], Counter()
     cleaned, results = [], []
     for text in texts:
@@ -153,106 +222,143 @@ def _process_chunk(texts: list[str]) -> tuple[list[str | tuple], Counter]:
         modified.update(stats.modified)
         results.append(next(iter(stats.rejected), None))
     kept = [text for text in cleaned if text is not None]
-    encoded = iter(_worker["tokenizer"](kept, add_special_tokens=False, verbose=False)["input_ids"] if kept else [])
+    encoded = iter(_worker["encode"](kept))
+    dedup = clean.enabled and (clean.dedup_exact or clean.dedup_near)
     for i, text in enumerate(cleaned):
         if text is not None:
-            results[i] = (*dedup_keys(text, clean), next(encoded))
+            digest, signature = dedup_keys(text, clean) if dedup else (None, None)
+            signature = LeanMinHash(signature) if signature is not None else None  # pickles small
+            results[i] = (digest, signature, next(encoded))
     return results, modified
 
 
-def _chunks(mixture: Mixture, limit: int | None) -> Iterator[tuple[list[str], list[str]]]:
-    names, texts, read = [], [], 0
-    for name, text in mixture:
-        names.append(name)
-        texts.append(text)
-        read += 1
-        if len(texts) == CHUNK or (limit and read >= limit):
-            yield names, texts
-            names, texts = [], []
-            if limit and read >= limit:
-                return
-    if texts:
-        yield names, texts
+def _chunks(mixture: Mixture, limit: int | None) -> Iterator[list[tuple[str, str]]]:
+    """Chunks of (source, text); before drawing chunk k, the budgets reached by chunk k - BUDGET_LAG apply."""
+    chunk, chars, read, index = [], 0, 0, 0
+    documents = iter(mixture)
+    while True:
+        mixture.settle(index - BUDGET_LAG)
+        for name, text in documents:
+            chunk.append((name, text))
+            chars += len(text)
+            read += 1
+            if len(chunk) == CHUNK or chars >= CHUNK_CHARS or (limit and read >= limit):
+                break
+        if not chunk:
+            return
+        yield chunk
+        if limit and read >= limit:
+            return
+        chunk, chars, index = [], 0, index + 1
 
 
-def prepare(recipe: DataRecipe, out: str | Path, progress: Callable[[dict], None] | None = None) -> dict:
-    """Build the dataset folder `out` from `recipe`; returns the stats (also written to stats.json)."""
+@contextmanager
+def _worker_pool(recipe: DataRecipe):
+    """Worker processes that ignore Ctrl-C (from their start: SIGINT is ignored while they spawn)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        context = multiprocessing.get_context("spawn")
+        pool = context.Pool(recipe.num_proc, _init_worker, (recipe.tokenizer, recipe.clean))
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    with pool:
+        yield pool
+
+
+def prepare(
+    recipe: DataRecipe,
+    out: str | Path,
+    progress: Callable[[dict], None] | None = None,
+    force: bool = False,
+) -> dict:
+    """Build the dataset folder `out` from `recipe`; returns the stats (also written to stats.json).
+
+    `force` replaces a folder prepared from another recipe (deleting only the files data prepare writes).
+    """
     recipe.pack.validate()
     out = Path(out)
-    fingerprint = recipe.fingerprint()
-    stats_path = out / "stats.json"
-    if stats_path.is_file():
-        previous = json.loads(stats_path.read_text())
-        if previous.get("fingerprint") == fingerprint:
-            return {**previous, "reused": True}
-        raise UsageError(f"{out} holds a dataset prepared from another recipe; choose a new --out or delete it")
+    identity = recipe.identity()
+    fingerprint = recipe.fingerprint(identity)
+    folder = DatasetFolder(out, recipe.pack)
+    finished = folder.claim(fingerprint, identity, force)
+    if finished is not None:
+        return {**finished, "reused": True}
     tokenizer = load_tokenizer(recipe.tokenizer)
     prefix, suffix = special_affixes(tokenizer)
     if not suffix:
         raise DiffutronError("the tokenizer adds no end-of-sequence token to separate packed documents")
     started = time.perf_counter()
     rejects: dict[str, Counter] = defaultdict(Counter)
-    read, kept, modified = Counter(), Counter(), Counter()
+    drawn, kept, modified = Counter(), Counter(), Counter()  # drawn: documents that left their source
     mixture = Mixture(recipe.sources, recipe.seed, rejects)
-    dedup = Deduplicator(recipe.clean)
+    dedup = Deduplicator(recipe.clean) if recipe.clean.enabled else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else suffix[-1]
     packer = Packer(recipe.pack, prefix, suffix, pad_id)
-    writer = ShardWriter(out, recipe.pack)
     totals = Counter()  # sequences, padding
+    consumed = 0  # chunks
 
     def write(blocks) -> None:
-        totals["sequences"] += len(blocks)
-        totals["padding"] += sum(recipe.pack.max_length - n for _, n in blocks)
-        writer.add(blocks)
+        ids, lengths = blocks
+        totals["sequences"] += len(ids)
+        totals["padding"] += int(recipe.pack.max_length * len(ids) - lengths.sum())
+        folder.add(ids, lengths)
 
-    def consume(names: list[str], results: list, chunk_modified: Counter) -> None:
+    def consume(chunk: list[tuple[str, str]], results: list, chunk_modified: Counter) -> None:
+        nonlocal consumed
         modified.update(chunk_modified)
-        for name, result in zip(names, results, strict=True):
-            read[name] += 1
+        for (name, _), result in zip(chunk, results, strict=True):
+            drawn[name] += 1
             if isinstance(result, str):  # rejected while cleaning
                 rejects[name][result] += 1
                 continue
             digest, signature, ids = result
-            reason = dedup.check(digest, signature)
+            reason = dedup.check(digest, signature) if dedup else None
             if reason is None and len(ids) < recipe.clean.min_tokens:
                 reason = "too_few_tokens"
             if reason is None and recipe.clean.max_tokens and len(ids) > recipe.clean.max_tokens:
                 reason = "too_many_tokens"
+            if reason is None and not mixture.consume(name, len(ids), consumed):
+                reason = "over_token_budget"
             if reason:
                 rejects[name][reason] += 1
                 continue
             kept[name] += 1
-            mixture.consume(name, len(ids))
-            write(packer.add(ids))
+            packer.add(ids)
+        write(packer.take())
+        consumed += 1
         if progress:
-            progress({"documents": sum(read.values()), "sequences": totals["sequences"]})
+            documents = sum(kept.values()) + sum(sum(r.values()) for r in rejects.values())
+            progress({"documents": documents, "sequences": totals["sequences"], "tokens": sum(mixture.tokens.values())})
 
     chunks = _chunks(mixture, recipe.max_documents)
     if recipe.num_proc > 1:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(recipe.num_proc, _init_worker, (recipe.tokenizer, recipe.clean)) as pool:
-            in_flight: list = []  # a bounded window of chunks, consumed in order
-            for names, texts in chunks:
-                in_flight.append((names, pool.apply_async(_process_chunk, (texts,))))
-                if len(in_flight) >= 2 * recipe.num_proc:
-                    names, job = in_flight.pop(0)
-                    consume(names, *job.get())
-            for names, job in in_flight:
-                consume(names, *job.get())
+        window = min(2 * recipe.num_proc, BUDGET_LAG)  # chunks in flight: bounded memory, budgets on time
+        with _worker_pool(recipe) as pool:
+            in_flight: deque = deque()
+            for chunk in chunks:
+                in_flight.append((chunk, pool.apply_async(_process_chunk, ([text for _, text in chunk],))))
+                while len(in_flight) >= window:
+                    done, job = in_flight.popleft()
+                    consume(done, *job.get())
+            for done, job in in_flight:
+                consume(done, *job.get())
     else:
-        _worker["tokenizer"], _worker["clean"] = tokenizer, recipe.clean
-        for names, texts in chunks:
-            consume(names, *_process_chunk(texts))
+        _set_worker(tokenizer, recipe.clean)
+        for chunk in chunks:
+            consume(chunk, *_process_chunk([text for _, text in chunk]))
     all_rejects = sum(rejects.values(), Counter())
+    read = {name: kept[name] + sum(rejects[name].values()) for name in mixture.names}
     for name in mixture.names:
-        if read[name] == 0:
+        if drawn[name] == 0:
             bad = ", ".join(f"{k}: {v}" for k, v in rejects[name].most_common())
             raise DiffutronError(f"source {name} yields no document{f' ({bad})' if bad else ''}")
     write(packer.finish())
     if totals["sequences"] == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in all_rejects.most_common())
         raise DiffutronError(f"no document survived cleaning, nothing written ({reasons})")
-    writer.close()
+    folder.finish()
     total_tokens = sum(mixture.tokens.values())
     stats = {
         "fingerprint": fingerprint,
@@ -275,9 +381,10 @@ def prepare(recipe: DataRecipe, out: str | Path, progress: Callable[[dict], None
         "sequences": totals["sequences"],
         "padding_tokens": totals["padding"],
         "max_length": recipe.pack.max_length,
-        "shards": len(writer.shards),
-        "shards_reused": writer.skipped,
+        "shards": len(folder.shards),
+        "shard_rows": folder.shard_rows,
+        "reused_files": folder.reused,
         "seconds": time.perf_counter() - started,
     }
-    _write_json(stats_path, stats)
+    folder.write_stats(stats)
     return stats

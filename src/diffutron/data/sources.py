@@ -59,28 +59,76 @@ def _suffixes(path: Path) -> tuple[str, str]:
     return stem.suffix, compression
 
 
+class _ZstdRaw(io.RawIOBase):
+    """A .zst file's bytes, frame after frame. zstandard's stream_reader ends quietly where a file is
+    cut short; this one raises EOFError, as gzip does."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self.file, self.context = open(path, "rb"), zstandard.ZstdDecompressor()
+        self.frame, self.fed, self.buffer = self.context.decompressobj(), False, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self.buffer:
+            data = self.file.read(1 << 16)
+            if not data:
+                if self.fed and not self.frame.eof:
+                    raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                return 0
+            while data:
+                if self.frame.eof:  # the next frame
+                    self.frame, self.fed = self.context.decompressobj(), False
+                self.buffer += self.frame.decompress(data)
+                self.fed = True
+                data = self.frame.unused_data if self.frame.eof else b""
+        size = min(len(target), len(self.buffer))
+        target[:size], self.buffer = self.buffer[:size], self.buffer[size:]
+        return size
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 def _open_binary(path: Path, compression: str):
     if compression == ".gz":
         return gzip.open(path, "rb")
     if compression == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdRaw(path), buffer_size=1 << 16)
     return open(path, "rb")
+
+
+def _unreadable(path: Path, err: Exception) -> DiffutronError:
+    """A compressed file that cannot be read to its end: one line naming it."""
+    if isinstance(err, EOFError):
+        return DiffutronError(f"{path} is truncated: the compressed data ends early (an interrupted download or copy?)")
+    return DiffutronError(f"{path} is corrupt: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
 
 
 def _lines(path: Path, compression: str, reject: _Rejects) -> Iterator[tuple[int, str | None]]:
     """(line number, text) per line; text is None for a line that is not valid UTF-8."""
-    with _open_binary(path, compression) as raw:
-        for number, line in enumerate(raw, start=1):
-            try:
-                yield number, line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                reject(
-                    "invalid_utf8",
-                    f"{path}: invalid UTF-8 at byte {err.start} of line {number}; re-encode the file as UTF-8",
-                )
-                yield number, None
+    import zlib
+
+    from zstandard import ZstdError
+
+    try:
+        with _open_binary(path, compression) as raw:
+            for number, line in enumerate(raw, start=1):
+                try:
+                    text = line.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as err:
+                    reject(
+                        "invalid_utf8",
+                        f"{path}: invalid UTF-8 at byte {err.start} of line {number}; re-encode the file as UTF-8",
+                    )
+                    text = None
+                yield number, text
+    except (EOFError, gzip.BadGzipFile, zlib.error, ZstdError) as err:
+        raise _unreadable(path, err) from err
 
 
 def _txt(path: Path, compression: str, reject: _Rejects, txt_mode: str) -> Iterator[Document]:
@@ -123,9 +171,13 @@ def _jsonl(path: Path, compression: str, reject: _Rejects, text_field: str) -> I
 
 
 def _parquet(path: Path, compression: str, reject: _Rejects, text_field: str) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DiffutronError(f"{path} is not a readable parquet file (truncated?): {str(err).splitlines()[0]}") from err
     if text_field not in parquet.schema_arrow.names:
         raise DiffutronError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     row = 0
@@ -235,6 +287,18 @@ def iter_documents(
     else:
         for path in local_files(spec):
             yield from _file_documents(path, text_field, reject, txt_mode)
+
+
+def input_files(spec: str) -> list[Path] | None:
+    """The local files `spec` reads (the bundled corpus's too); None for a dataset on the Hub."""
+    if spec == "bundled" or spec.startswith("bundled:"):
+        from diffutron.data.bundled import corpus_file
+
+        return [corpus_file(spec.partition(":")[2] or "train")]
+    if spec.startswith("hf:"):
+        local = Path(spec[len("hf:") :].partition(":")[0])
+        return sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else None
+    return local_files(spec)
 
 
 def read_documents(spec: str, text_field: str = "text") -> list[Document]:

@@ -1,0 +1,153 @@
+"""Fault injection for `data prepare`: kill -9 at random points, Ctrl-C, broken inputs, huge documents.
+
+    DIFFUTRON_FAULT_ITERATIONS=50 .venv/bin/python -m pytest -q -s tests/test_faults_data.py
+
+runs more kills than the few of a normal run (-s prints how many were tried and how each ended).
+"""
+
+import gzip
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffutron.data.pack import PackConfig
+from diffutron.data.prepare import DataRecipe, SourceSpec, prepare
+from diffutron.errors import DiffutronError
+
+ITERATIONS = int(os.environ.get("DIFFUTRON_FAULT_ITERATIONS", "3"))
+VOLATILE = ("seconds", "reused_files")  # how long it took and what a resume found on disk
+
+
+def _recipe(num_proc=1):
+    return DataRecipe(max_documents=150, pack=PackConfig(max_length=64, shard_size=100), num_proc=num_proc)
+
+
+def _folder(out: Path) -> dict:
+    """Every file of a prepared folder: bytes, or the parsed stats without their volatile fields."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            content = path.read_bytes()
+            if path.name == "stats.json":
+                content = {k: v for k, v in json.loads(content).items() if k not in VOLATILE}
+            files[str(path.relative_to(out))] = content
+    return files
+
+
+def _run_until_killed(recipe, out, delay, own_group):
+    """prepare() in a forked process, SIGKILLed after `delay` seconds; whether it finished first."""
+
+    def target():
+        if own_group:  # its worker processes die with it, as on a crashed node
+            os.setsid()
+        prepare(recipe, out)
+
+    child = multiprocessing.get_context("fork").Process(target=target)
+    child.start()
+    child.join(delay)
+    finished = child.exitcode == 0
+    if child.exitcode is None:
+        os.killpg(child.pid, signal.SIGKILL) if own_group else os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    return finished
+
+
+def test_kill_9_at_random_points_then_a_rerun_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    import diffutron.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "CHUNK", 32)  # more chunks and parts: more places to be killed at
+    seconds = prepare(_recipe(), tmp_path / "reference")["seconds"]  # from the tokenizer loaded to the end
+    reference = _folder(tmp_path / "reference")
+    assert len([name for name in reference if name.startswith("data-")]) > 5
+    rng, outcomes = random.Random(0), {"killed": 0, "finished before the kill": 0}
+    for iteration in range(ITERATIONS):
+        num_proc = 2 if iteration % 4 == 3 else 1
+        out = tmp_path / f"run-{iteration}"
+        delay = rng.uniform(0, 1.2 * seconds) + (4 if num_proc > 1 else 0)  # + the workers' start
+        for _ in range(1 + (iteration % 2)):  # every other iteration is killed twice before the rerun
+            finished = _run_until_killed(_recipe(num_proc), out, delay, own_group=num_proc > 1)
+            delay = rng.uniform(0, seconds)
+        outcomes["finished before the kill" if finished else "killed"] += 1
+        prepare(_recipe(), out)
+        assert _folder(out) == reference, f"iteration {iteration} (kill after {delay:.2f} s)"
+    print(f"\nkill -9 faults: {ITERATIONS} tried, {ITERATIONS} resumed to the uninterrupted result ({outcomes})")
+
+
+def test_ctrl_c_with_worker_processes_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the main process and its workers."""
+    corpus = tmp_path / "c.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(8000):
+            f.write(json.dumps({"text": f"Belge {i}: Bugün hava çok güzel ve biz de parka gittik, {i * 7}."}) + "\n")
+    recipe = tmp_path / "recipe.yaml"  # small shards: a part is on disk once the workers are at work
+    recipe.write_text(f"sources:\n  - spec: {corpus}\npack:\n  max_length: 64\n  shard_size: 16\n")
+    command = [sys.executable, "-m", "diffutron", "data", "prepare", str(recipe), "--num-proc", "2"]
+    command += ["--out", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any((tmp_path / "out").glob("**/*.arrow")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("preparing: ")]
+    assert process.returncode == 130 and len(lines) <= 1 and "Traceback" not in stderr, stderr
+
+
+def test_broken_compressed_and_parquet_files_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    data = "".join(json.dumps({"text": f"Bugün hava çok güzel {i}."}) + "\n" for i in range(3000)).encode()
+    cut = {
+        "a.jsonl.gz": gzip.compress(data),
+        "b.jsonl.zst": zstandard.ZstdCompressor().compress(data),
+        "c.txt.gz": gzip.compress(data),
+    }
+    for name, packed in cut.items():
+        (tmp_path / name).write_bytes(packed[: len(packed) * 2 // 3])
+    pq.write_table(pa.table({"text": ["Bugün hava çok güzel."] * 100}), tmp_path / "d.parquet")
+    (tmp_path / "d.parquet").write_bytes((tmp_path / "d.parquet").read_bytes()[:-100])
+    (tmp_path / "e.jsonl.gz").write_bytes(b"not gzip at all")
+    expected = {name: "is truncated" for name in cut} | {
+        "d.parquet": "is not a readable parquet",
+        "e.jsonl.gz": "is corrupt",
+    }
+    for name, message in expected.items():
+        with pytest.raises(DiffutronError, match=f"{tmp_path / name} {message}"):
+            prepare(DataRecipe(sources=[SourceSpec(str(tmp_path / name))]), tmp_path / f"out-{name}")
+
+
+def test_one_huge_document_keeps_memory_bounded(tmp_path):
+    """A single 2 MB line: cleaned, hashed and tokenized piece by piece."""
+    from diffutron.data import bundled_documents
+
+    text = " ".join(d.text.replace("\n", " ") for d in bundled_documents("train"))
+    huge = text[: len(text) // 2]  # 2 MB (the 54 MB of the issue: docs/benchmarks.md)
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"text": huge}, ensure_ascii=False) + "\n")
+    script = f"""
+import json
+from diffutron.data.prepare import DataRecipe, SourceSpec, prepare
+def status(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) // 1024
+prepare(DataRecipe(max_documents=50), {str(tmp_path / "warm-up")!r})  # every import and cache, first
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+recipe = DataRecipe(sources=[SourceSpec({str(tmp_path / "huge.jsonl")!r})])
+recipe.clean.max_chars = 10**9
+stats = prepare(recipe, {str(tmp_path / "out")!r})
+print(json.dumps({{"growth_mb": status("VmHWM") - before, "kept": stats["documents"]["kept"]}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kept"] == 1 and result["growth_mb"] < 100, result  # before: 272 MB
