@@ -11,5 +11,5 @@ from diffutron.tokenizer import bundled_tokenizer_path, train_tokenizer
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--vocab-size", type=int, default=16384)
 args = parser.parse_args()
-train_tokenizer((d.text for d in bundled_documents("train")), args.vocab_size, bundled_tokenizer_path())
+train_tokenizer((d.text for d in bundled_documents("train")), args.vocab_size, bundled_tokenizer_path(), overwrite=True)
 print(f"wrote {bundled_tokenizer_path()}")

@@ -13,6 +13,7 @@ import os
 import socket
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import gelu
 
-from diffutron.errors import DiffutronError
+from diffutron.errors import DiffutronError, UsageError
 from diffutron.linear_ce import linear_cross_entropy
 
 PRESET_PREFIX = "preset:"
+SHIPPED_PREFIX = "diffutron/"  # diffutron/tiny-diffutron: the shipped model, as a hub-style id
 
 # How each architecture's MLM head maps hidden states [..., H] to logits [..., V]: a position-wise
 # transform (dense, activation, norm) then the vocabulary decoder (a Linear). Position-wise, so
@@ -95,13 +97,14 @@ class DiffusionLM(nn.Module):
         trust_remote_code: bool = False,
         seed: int = 0,
     ) -> DiffusionLM:
-        """Load a model folder, a peft adapter folder, a hub id, or build `preset:NAME` (random weights)."""
+        """Load a model folder, a run folder (its final/ or newest checkpoint), a peft adapter folder, a
+        shipped model by name (`tiny-diffutron`, `tiny-base`), a hub id, or build `preset:NAME` (random weights)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         if name_or_path.startswith(PRESET_PREFIX):
             lm = cls.from_preset(name_or_path[len(PRESET_PREFIX) :], seed=seed)
         else:
-            lm = _load_hf(cls, name_or_path, trust_remote_code)
+            lm = _load_hf(cls, resolve_model(name_or_path), trust_remote_code, name=display_name(name_or_path))
         return lm.to(device=device, dtype=dtype).eval()
 
     @classmethod
@@ -113,7 +116,7 @@ class DiffusionLM(nn.Module):
         from diffutron.tokenizer import load_bundled_tokenizer
 
         if preset not in PRESETS:
-            raise DiffutronError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+            raise UsageError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
         tokenizer = load_bundled_tokenizer()
         config = preset_config(preset, tokenizer, **overrides)
         with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -125,23 +128,27 @@ class DiffusionLM(nn.Module):
     def skeleton(cls, name_or_path: str, trust_remote_code: bool = False) -> DiffusionLM:
         """The model's structure on the meta device, without reading or initialising weights:
         instant parameter counts (`diffutron info`) even for the 307M reference shape."""
-        from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
 
         if name_or_path.startswith(PRESET_PREFIX):
             return cls.from_preset(name_or_path[len(PRESET_PREFIX) :], device="meta")
-        path = Path(name_or_path)
+        path = Path(resolve_model(name_or_path))
         if path.is_dir() and (path / "config.json").is_file():
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            config = _load_config(str(path), trust_remote_code, local=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
             with torch.device("meta"):
                 model = AutoModelForMaskedLM.from_config(config, trust_remote_code=trust_remote_code)
-            return cls(model, tokenizer, name=name_or_path)
+            return cls(model, tokenizer, name=display_name(name_or_path))
         return cls.from_pretrained(name_or_path, device="cpu", trust_remote_code=trust_remote_code)
 
     def save_pretrained(self, path: str | Path, **kwargs) -> None:
-        """A standard HF folder (safetensors + tokenizer); a peft model saves its adapter."""
+        """A standard HF folder (safetensors + tokenizer) that transformers 4.57+ and 5.x both load; a peft
+        model saves its adapter."""
+        from diffutron.tokenizer import save_tokenizer
+
         self.model.save_pretrained(str(path), **kwargs)
-        self.tokenizer.save_pretrained(str(path))
+        _write_legacy_rope_keys(Path(path) / "config.json")
+        save_tokenizer(self.tokenizer, path)
 
     # -- the model ------------------------------------------------------------------------------
     @property
@@ -206,7 +213,43 @@ class DiffusionLM(nn.Module):
         return ~torch.isin(input_ids, specials)
 
 
-def _load_hf(cls, name_or_path: str, trust_remote_code: bool) -> DiffusionLM:
+def resolve_model(name: str) -> str:
+    """Where a model name points: a shipped model's name (`tiny-diffutron`, `diffutron/tiny-base`) -> its
+    folder; a run folder -> its final/ or newest checkpoint (model_folder); anything else unchanged.
+    An existing local path wins over a shipped name."""
+    from diffutron.assets import MODELS, shipped_model
+
+    if name.startswith(PRESET_PREFIX):
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(model_folder(path) or path)
+    shipped = name.removeprefix(SHIPPED_PREFIX)
+    return str(shipped_model(shipped)) if shipped in MODELS else name
+
+
+def display_name(name: str) -> str:
+    """The name a loaded model goes by: the name given, or for a run folder the model folder inside it."""
+    path = Path(name).expanduser()
+    folder = model_folder(path) if not name.startswith(PRESET_PREFIX) and path.is_dir() else None
+    return str(folder) if folder is not None and folder != path else name
+
+
+def model_folder(source: str | Path) -> Path | None:
+    """The model folder inside a run (final/, else the newest checkpoint's model/), a checkpoint or a
+    model folder itself; None if there is none."""
+    source = Path(source)
+    for candidate in (source / "final", source / "model", source):
+        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
+            return candidate
+    checkpoints = sorted(
+        (p for p in source.glob("checkpoint-*/model") if p.parent.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.parent.name.split("-")[-1]),
+    )
+    return checkpoints[-1] if checkpoints else None
+
+
+def _load_hf(cls, name_or_path: str, trust_remote_code: bool, name: str = "") -> DiffusionLM:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = Path(name_or_path)
@@ -223,27 +266,151 @@ def _load_hf(cls, name_or_path: str, trust_remote_code: bool) -> DiffusionLM:
         if (path / "adapter_config.json").is_file():
             return _load_adapter(cls, path, trust_remote_code)
         if not (path / "config.json").is_file():
-            raise DiffutronError(f"{name_or_path} is not a model folder: config.json is missing")
+            raise DiffutronError(
+                f"{name_or_path} holds no model: config.json is missing (expected a model folder, a peft adapter "
+                "folder, or a run folder with final/ or checkpoint-*/)"
+            )
     elif not _hub_reachable() and not _in_hub_cache(name_or_path):
         raise DiffutronError(
             f"could not load model {name_or_path!r}: it is not a local folder, it is not in the Hugging Face "
             "cache, and the Hub is unreachable (offline?); pass a local folder or preset:tiny"
         )
+    where = (
+        "the folder is incomplete"
+        if looks_local
+        else (
+            "it is not a local folder, and the Hugging Face Hub is unreachable or has no such model; "
+            "pass a local folder or preset:tiny"
+        )
+    )
+    config = _load_config(name_or_path, trust_remote_code, local=looks_local, where=where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForMaskedLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        where = (
-            "the folder is incomplete"
-            if looks_local
-            else (
-                "it is not a local folder, and the Hugging Face Hub is unreachable or has no such model; "
-                "pass a local folder or preset:tiny"
+        with _quiet_transformers():  # its load report goes to stderr; _check_weights says what matters
+            model, info = AutoModelForMaskedLM.from_pretrained(
+                name_or_path,
+                config=config,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by _check_weights in one line, not raised
             )
+    except (OSError, ValueError) as err:
+        raise DiffutronError(f"could not load model {name_or_path!r}: {where} ({_first_line(err)})") from err
+    _check_weights(name_or_path, model, info)
+    return cls(model, tokenizer, name=name or name_or_path)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _load_config(name: str, trust_remote_code: bool, local: bool, where: str = "the folder is incomplete"):
+    """The model's config, or a one-line error for a custom-code model, a model type transformers does
+    not know, or an architecture that is not a masked LM (GPT-2, ...)."""
+    import transformers
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING, AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if local:
+        try:
+            raw = json.loads((Path(name) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DiffutronError(
+                f"could not load model {name!r}: config.json is unreadable ({_first_line(err)})"
+            ) from err
+        if raw.get("auto_map") and not trust_remote_code:
+            raise DiffutronError(
+                f"could not load model {name!r}: it is a custom-code model (config.json has auto_map), and "
+                "diffutron runs no code from a model folder unless trust_remote_code=True"
+            )
+        model_type = raw.get("model_type")
+        if not raw.get("auto_map") and model_type not in CONFIG_MAPPING:
+            raise DiffutronError(
+                f"could not load model {name!r}: model type {model_type!r} is unknown to transformers "
+                f"{transformers.__version__} (a custom-code model without auto_map, or a newer transformers?)"
+            )
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DiffutronError(f"could not load model {name!r}: {where} ({_first_line(err)})") from err
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING and "AutoModelForMaskedLM" not in (
+        getattr(config, "auto_map", None) or {}
+    ):
+        raise DiffutronError(
+            f"could not load model {name!r}: {config.model_type} is not a masked-LM architecture (transformers "
+            "has no AutoModelForMaskedLM for it); diffutron needs a bidirectional encoder with a masked-LM head "
+            "(ModernBERT, BERT, RoBERTa, XLM-R, ...)"
         )
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DiffutronError(f"could not load model {name_or_path!r}: {where} ({first_line})") from err
-    return cls(model, tokenizer, name=name_or_path)
+    return config
+
+
+def _check_weights(name: str, model: nn.Module, info: dict, shown: int = 3) -> None:
+    """Refuse a model whose weights file does not fill it: transformers would leave random weights in
+    place of missing tensors (or of tensors whose shape differs from the config) and carry on."""
+
+    def some(keys) -> str:
+        keys = sorted(keys)
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        return ", ".join(keys[:shown]) + more
+
+    mismatched = sorted(tuple(m) if isinstance(m, tuple | list) else (m,) for m in info.get("mismatched_keys") or [])
+    if mismatched:
+        first = mismatched[0]
+        shapes = f" ({list(first[1])} in the weights, {list(first[2])} by config.json)" if len(first) == 3 else ""
+        raise DiffutronError(
+            f"could not load model {name!r}: config.json does not match the weights' shapes: "
+            f"{some(m[0] for m in mismatched)}{shapes}"
+        )
+    # Tied weights (the decoder sharing the embedding matrix) are saved once: a tied name counts as
+    # present when any of the names sharing its parameter was loaded.
+    names_of: dict[int, list[str]] = {}
+    param_id: dict[str, int] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(key)
+        param_id[key] = id(param)
+    missing = set(info.get("missing_keys") or [])
+    missing = [k for k in missing if not any(other not in missing for other in names_of.get(param_id.get(k), []))]
+    if missing:
+        raise DiffutronError(
+            f"could not load model {name!r}: the weights file lacks {len(missing)} of the model's tensors "
+            f"({some(missing)}); transformers would put random weights there"
+        )
+    # Weights for parts this class does not have (a pre-training checkpoint's pooler or next-sentence
+    # head) are dropped, as transformers does; a tensor for a module the model has is a mismatch.
+    modules = dict(model.named_modules())
+    unexpected = [k for k in info.get("unexpected_keys") or [] if k.rpartition(".")[0] in modules]
+    if unexpected:
+        raise DiffutronError(
+            f"could not load model {name!r}: the weights file has {len(unexpected)} tensors the model does "
+            f"not expect ({some(unexpected)}); is config.json the one these weights were saved with?"
+        )
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _write_legacy_rope_keys(config_path: Path) -> None:
+    """transformers 5 saves ModernBERT's RoPE bases only under rope_parameters, which 4.x ignores (it
+    would silently use its defaults); the 4.x keys are written too, and 5.x reads rope_parameters first."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters") or {}
+    if config.get("model_type") != "modernbert" or not rope:
+        return
+    for legacy, layer_type in (("global_rope_theta", "full_attention"), ("local_rope_theta", "sliding_attention")):
+        if "rope_theta" in rope.get(layer_type, {}):
+            config[legacy] = rope[layer_type]["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
