@@ -26,3 +26,26 @@ def test_fill_mask_errors(tiny_lm):
         fill_mask(tiny_lm, "maskesiz bir cümle")
     with pytest.raises(UsageError, match="more than the model's context of 512"):
         fill_mask(tiny_lm, "kelime " * 600 + "<mask>")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Ankara <mask*0> başkentidir.", r"<mask\*0> asks for no token"),
+        ("Ankara <mask*0> başkentidir <mask>.", r"<mask\*0> asks for no token"),
+        ("Ankara <mask*99999999999> başkentidir.", "asks for 99,999,999,999 masks, more than the model's context"),
+        ("<mask*300> ve <mask*300>", "asks for 600 masks, more than the model's context of 512"),
+    ],
+)
+def test_mask_counts_that_cannot_be_filled_are_usage_errors(tiny_lm, text, message):
+    with pytest.raises(UsageError, match=message):
+        fill_mask(tiny_lm, text)
+
+
+def test_mask_count_errors_in_the_commands(capsys):
+    from diffutron.cli import main
+
+    for verb, text in (("fill-mask", "Ankara <mask*0> başkentidir."), ("infill", "Ankara <mask*9999> başkentidir.")):
+        assert main([verb, text]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "mask" in err[0]
