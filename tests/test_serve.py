@@ -225,6 +225,7 @@ CONCURRENT = [  # different prompts, lengths and settings (three batch groups), 
     {"prompt": "İstanbul", "max_tokens": 12, "policy": "margin"},
     {"prompt": "Cumhuriyet", "max_tokens": 8, "temperature": 0.8, "seed": 3},
     {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 4, "stream": True},
+    {"prompt": "Ankara", "max_tokens": 16, "block_length": 8, "cache": "prefix"},  # its own batch (engine.py)
 ]
 
 
@@ -259,6 +260,32 @@ def test_concurrent_requests_share_steps_and_equal_sequential(client, base):
     assert after["forward_passes"] - before["forward_passes"] < alone
     assert after["rows_stepped"] - before["rows_stepped"] == alone  # each row stepped as often as alone
     assert after["active_rows"] == 0 and after["queued"] == 0
+
+
+def test_cached_requests_keep_their_own_batch(client, base):
+    """The approximate cache refreshes every row of a batch when rows join, so a row's text would depend on
+    its company: a cached request gets a batch of its own, and its text is the same alone or beside another."""
+    cached = {"prompt": "Ankara", "max_tokens": 32, "block_length": 8, "cache": "prefix"}
+    alone = client.post("/v1/completions", json=cached).json()["choices"][0]["text"]
+    running = {"prompt": PROMPT, "max_tokens": 96, "block_length": 8, "cache": "prefix", "stream_canvas": True}
+    with (
+        httpx.Client(base_url=base, timeout=120) as other,
+        other.stream("POST", "/v1/completions", json={**running, "stream": True}) as first,
+    ):
+        lines = first.iter_lines()
+        while not next(lines).startswith("data:"):  # the first cached request is running
+            pass
+        beside: dict = {}
+        joining = threading.Thread(target=lambda: beside.update(client.post("/v1/completions", json=cached).json()))
+        joining.start()
+        for _ in range(2000):
+            health = client.get("/health").json()
+            if health["active_requests"] == 2 or not joining.is_alive():
+                break
+            time.sleep(0.01)
+        assert health["active_requests"] == 2 and health["groups"] == 2
+        joining.join(120)
+    assert beside["choices"][0]["text"] == alone
 
 
 def test_client_disconnect_releases_rows(client, base):

@@ -53,7 +53,8 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
         finally:
             await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="diffutron", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # no /docs: Swagger UI loads its scripts from a CDN, and the server must work offline (/openapi.json stays)
+    app = FastAPI(title="diffutron", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     _error_handlers(app)
