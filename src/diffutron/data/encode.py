@@ -42,12 +42,19 @@ class TokenEncoder:
         self.tokenizer, self.backend = tokenizer, None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and hasattr(backend, "encode_batch_fast"):
-            from tokenizers import Tokenizer
+            self.backend = _private_backend(backend.to_str(), bool(getattr(tokenizer, "split_special_tokens", False)))
 
-            self.backend = Tokenizer.from_str(backend.to_str())  # a copy: the caller's settings stay its own
-            self.backend.no_truncation()
-            self.backend.no_padding()
-            self.backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    def portable(self):
+        """What a worker process needs to build the same encoder without loading `transformers`
+        (seconds a worker): the Rust tokenizer as JSON, or None where there is no Rust tokenizer."""
+        return None if self.backend is None else (self.backend.to_str(), self.backend.encode_special_tokens)
+
+    @classmethod
+    def from_portable(cls, portable) -> TokenEncoder:
+        encoder = cls.__new__(cls)
+        encoder.piece_chars, encoder.batch_chars, encoder.tokenizer = PIECE_CHARS, BATCH_CHARS, None
+        encoder.backend = _private_backend(*portable)
+        return encoder
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
         ids: list[list[np.ndarray]] = [[] for _ in texts]
@@ -81,3 +88,14 @@ class TokenEncoder:
             return [np.array(e.ids, dtype=np.int32) for e in encodings]
         batch = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return [np.array(x, dtype=np.int32) for x in batch]
+
+
+def _private_backend(json: str, split_special_tokens: bool):
+    """A Rust tokenizer of our own, truncation and padding off (the caller's settings stay its own)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(json)
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = split_special_tokens
+    return backend

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from diffutron.data.clean import CleanConfig, CleanStats, Deduplicator, clean_text, dedup_keys
+from diffutron.data.encode import TokenEncoder
 from diffutron.data.folder import DatasetFolder
 from diffutron.data.pack import PackConfig, Packer
 from diffutron.data.sources import Document, input_files, iter_documents
@@ -197,16 +198,13 @@ class Mixture:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_name: str, clean: CleanConfig) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: num_proc workers fill the cores
-    _set_worker(load_tokenizer(tokenizer_name), clean)
-
-
-def _set_worker(tokenizer, clean: CleanConfig) -> None:
+def _init_worker(tokenizer_name: str, portable, clean: CleanConfig) -> None:
     from diffutron.data.encode import TokenEncoder
 
-    _worker["encode"], _worker["clean"] = TokenEncoder(tokenizer), clean
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: num_proc workers fill the cores
+    encoder = TokenEncoder.from_portable(portable) if portable else TokenEncoder(load_tokenizer(tokenizer_name))
+    _worker["encode"], _worker["clean"] = encoder, clean
 
 
 def _process_chunk(texts: list[str]) -> tuple[list, Counter]:
@@ -253,13 +251,13 @@ def _chunks(mixture: Mixture, limit: int | None) -> Iterator[list[tuple[str, str
 
 
 @contextmanager
-def _worker_pool(recipe: DataRecipe):
+def _worker_pool(recipe: DataRecipe, encoder: TokenEncoder):
     """Worker processes that ignore Ctrl-C (from their start: SIGINT is ignored while they spawn)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         context = multiprocessing.get_context("spawn")
-        pool = context.Pool(recipe.num_proc, _init_worker, (recipe.tokenizer, recipe.clean))
+        pool = context.Pool(recipe.num_proc, _init_worker, (recipe.tokenizer, encoder.portable(), recipe.clean))
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
@@ -294,6 +292,7 @@ def prepare(
     drawn, kept, modified = Counter(), Counter(), Counter()  # drawn: documents that left their source
     mixture = Mixture(recipe.sources, recipe.seed, rejects)
     dedup = Deduplicator(recipe.clean) if recipe.clean.enabled else None
+    encoder = TokenEncoder(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else suffix[-1]
     packer = Packer(recipe.pack, prefix, suffix, pad_id)
     totals = Counter()  # sequences, padding
@@ -335,7 +334,7 @@ def prepare(
     chunks = _chunks(mixture, recipe.max_documents)
     if recipe.num_proc > 1:
         window = min(2 * recipe.num_proc, BUDGET_LAG)  # chunks in flight: bounded memory, budgets on time
-        with _worker_pool(recipe) as pool:
+        with _worker_pool(recipe, encoder) as pool:
             in_flight: deque = deque()
             for chunk in chunks:
                 in_flight.append((chunk, pool.apply_async(_process_chunk, ([text for _, text in chunk],))))
@@ -345,7 +344,7 @@ def prepare(
             for done, job in in_flight:
                 consume(done, *job.get())
     else:
-        _set_worker(tokenizer, recipe.clean)
+        _worker["encode"], _worker["clean"] = encoder, recipe.clean
         for chunk in chunks:
             consume(chunk, *_process_chunk([text for _, text in chunk]))
     all_rejects = sum(rejects.values(), Counter())
