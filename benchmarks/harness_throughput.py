@@ -1,9 +1,11 @@
 """Multiple-choice loglikelihood requests on the mmBERT-base shape: diffutron's harness estimator vs a
 faithful port of dllm's MDLM harness model (dllm/core/eval/mdlm.py, as LLaDA's eval_llada.py), same mc_num.
 
-    python benchmarks/harness_throughput.py [--json] [--questions 8] [--multi-token-questions 2] [--mc-num 32] [--repeats 2]
+    python benchmarks/harness_throughput.py [--json] [--questions 8] [--multi-token-questions 2] \
+        [--mc-num 32] [--repeats 2]
 
 The requests are the first questions of the shipped tr_cloze task (context, four one-word choices),
+and the first whose four choices all take more than one token (Monte Carlo for each of them),
 split into tokens by diffutron's encode_pair for both paths: with dllm's own `_encode_pair` every
 choice would score [SEP] instead of its first token (tests/test_harness.py), so the port gets the same
 rows, `[CLS] context continuation [SEP]`, with only the continuation maskable -- the one change, to
