@@ -124,6 +124,32 @@ def concurrent(url: str, bodies: list[dict], deadline: float) -> tuple[list[dict
     return results, time.perf_counter() - start
 
 
+def library_ceiling(model: str, prompts_: list[str], max_tokens: int, settings: dict, threads: int | None) -> dict:
+    """The same generations through the library in this process: one prompt at a time vs one batch --
+    the most that sharing forward passes can give with this sampler, whatever the server does."""
+    import torch
+
+    from diffutron.model import DiffusionLM
+    from diffutron.sampling import generate, user_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    lm = DiffusionLM.from_pretrained(model, device="cpu")
+    config = user_config("generate", **settings)
+    generate(lm, prompts_[:1], max_tokens, config)  # warm-up
+    wall, cpu = time.perf_counter(), time.process_time()
+    alone = [generate(lm, [p], max_tokens, config).texts[0] for p in prompts_]
+    alone_wall, alone_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
+    together = generate(lm, prompts_, max_tokens, config).texts
+    together_wall, together_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "library_speedup": alone_wall / together_wall,
+        "library_cpu_speedup": alone_cpu / together_cpu,
+        "library_texts": together if together == alone else None,
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -138,6 +164,7 @@ def main() -> None:
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks [default: none]")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server [default: torch's]")
+    parser.add_argument("--library", action="store_true", help="also the library's own batching ratio (the ceiling)")
     parser.add_argument("--time-limit", type=float, default=1200.0, help="seconds for the whole run, at most")
     args = parser.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -145,6 +172,7 @@ def main() -> None:
     deadline = time.monotonic() + args.time_limit
 
     settings = {"block_length": args.block_length} if args.block_length else {}
+    texts = prompts(args.clients)
     bodies = [
         {
             "prompt": p,
@@ -153,7 +181,7 @@ def main() -> None:
             "stream_options": {"include_usage": True},
             **settings,
         }
-        for p in prompts(args.clients)
+        for p in texts
     ]
     server, url = start_server(args.model, args.clients, args.threads)
     try:
@@ -204,6 +232,11 @@ def main() -> None:
         "server_forward_passes": health["forward_passes"],
         "server_rows_stepped": health["rows_stepped"],
     }
+    if args.library:
+        ceiling = library_ceiling(args.model, texts, args.max_tokens, settings, args.threads)
+        report["library_speedup"] = ceiling["library_speedup"]
+        report["library_cpu_speedup"] = ceiling["library_cpu_speedup"]
+        report["library_identical"] = ceiling["library_texts"] == [r["text"] for r in rounds[0][0]]
     if args.json:
         print(json.dumps(report))
         return
@@ -219,6 +252,11 @@ def main() -> None:
         f"  speedup {report['speedup']:.2f}x (in server CPU time {report['cpu_speedup']:.2f}x), "
         f"identical outputs: {identical}"
     )
+    if args.library:
+        print(
+            f"  library, one batch vs one at a time: {report['library_speedup']:.2f}x "
+            f"(CPU {report['library_cpu_speedup']:.2f}x), same texts as the server: {report['library_identical']}"
+        )
 
 
 if __name__ == "__main__":

@@ -265,9 +265,9 @@ def test_concurrent_requests_share_steps_and_equal_sequential(client, base):
 def test_cached_requests_keep_their_own_batch(client, base):
     """The approximate cache refreshes every row of a batch when rows join, so a row's text would depend on
     its company: a cached request gets a batch of its own, and its text is the same alone or beside another."""
-    cached = {"prompt": "Ankara", "max_tokens": 32, "block_length": 8, "cache": "prefix"}
+    cached = {"prompt": "Ankara", "max_tokens": 16, "block_length": 8, "cache": "prefix"}
     alone = client.post("/v1/completions", json=cached).json()["choices"][0]["text"]
-    running = {"prompt": PROMPT, "max_tokens": 96, "block_length": 8, "cache": "prefix", "stream_canvas": True}
+    running = {"prompt": PROMPT, "max_tokens": 48, "block_length": 8, "cache": "prefix", "stream_canvas": True}
     with (
         httpx.Client(base_url=base, timeout=120) as other,
         other.stream("POST", "/v1/completions", json={**running, "stream": True}) as first,

@@ -256,43 +256,44 @@ def log_request(job: Job, kind: str, finished: Finished | None) -> None:
 
 
 def _error_handlers(app: FastAPI) -> None:
-    def reply(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    def reply(request: Request, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        log.info("%s %s -> %d %s", request.method, request.url.path, status, body["error"]["message"])
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         message, param = validation_message(error.errors())
-        return reply(400, error_body(message, param=param))
+        return reply(request, 400, error_body(message, param=param))
 
     @app.exception_handler(UsageError)
     async def bad_request(request: Request, error: UsageError) -> JSONResponse:
-        return reply(400, error_body(str(error), param=getattr(error, "param", None)))
+        return reply(request, 400, error_body(str(error), param=getattr(error, "param", None)))
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
-        return reply(429, error_body(str(error), "rate_limit_error", code="queue_full"), {"Retry-After": "1"})
+        return reply(request, 429, error_body(str(error), "rate_limit_error", code="queue_full"), {"Retry-After": "1"})
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, error: EngineError) -> JSONResponse:
-        return reply(500, error_body(str(error), "server_error"))
+        return reply(request, 500, error_body(str(error), "server_error"))
 
     @app.exception_handler(DiffutronError)
     async def failure(request: Request, error: DiffutronError) -> JSONResponse:
-        return reply(500, error_body(str(error), "server_error"))
+        return reply(request, 500, error_body(str(error), "server_error"))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return reply(error.status, error_body(str(error), error.kind, error.param, error.code))
+        return reply(request, error.status, error_body(str(error), error.kind, error.param, error.code))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return reply(error.status_code, error_body(str(error.detail), kind), getattr(error, "headers", None))
+        return reply(request, error.status_code, error_body(str(error.detail), kind), getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def crash(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return reply(500, error_body(f"internal error: {type(error).__name__}", "server_error"))
+        return reply(request, 500, error_body(f"internal error: {type(error).__name__}", "server_error"))
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
