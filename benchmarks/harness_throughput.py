@@ -73,16 +73,19 @@ def reference_loglikelihood(model, mask_id, prefix, target, suffix, mc_num, batc
     return -sum(loss_acc) / len(loss_acc), float(per_row.std() / math.sqrt(len(per_row)))
 
 
-def requests(lm, questions: int, multi_token: bool) -> list[tuple[list[int], list[int]]]:
-    """Every choice of the first `questions` tr_cloze questions (in file order), or of the first whose
-    choices all take more than one token (Monte Carlo for every choice)."""
+def requests(lm, task: str, questions: int, multi_token: bool = False) -> list[tuple[list[int], list[int]]]:
+    """Every choice of the first `questions` questions of a pack task (in file order); with multi_token,
+    of the first whose choices all take more than one token (Monte Carlo for every choice)."""
     from diffutron.likelihood import encode_pair
 
-    lines = (ROOT / "configs/eval/tasks/diffutron_tr/tr_cloze.jsonl").read_text(encoding="utf-8").splitlines()
+    if questions == 0:
+        return []
+    lines = (ROOT / f"configs/eval/tasks/diffutron_tr/{task}.jsonl").read_text(encoding="utf-8").splitlines()
     chosen = []
     for line in lines:
         item = json.loads(line)
-        pairs = [encode_pair(lm.tokenizer, item["context"], " " + choice) for choice in item["choices"]]
+        context, delimiter = (item["context"], " ") if "context" in item else ("", "")
+        pairs = [encode_pair(lm.tokenizer, context, delimiter + choice) for choice in item["choices"]]
         if not multi_token or all(len(x) > 1 for _, x in pairs):
             chosen.append(pairs)
         if len(chosen) == questions:
@@ -145,6 +148,9 @@ def main() -> None:
         "--multi-token-questions", type=int, default=2, help="tr_cloze questions whose choices are all multi-token"
     )
     parser.add_argument("--mc-num", type=int, default=16)
+    parser.add_argument(
+        "--long-questions", type=int, default=0, help="tr_order questions: two whole texts of 40-100 tokens each"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward (dllm's default 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -158,13 +164,18 @@ def main() -> None:
         raise SystemExit("--mc-num must be a multiple of --batch-size (dllm's harness asserts it)")
     lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device=args.device, dtype=torch.float32, seed=0)
     prefix, suffix = lm.special_affixes
-    cloze = requests(lm, args.questions, multi_token=False)
-    multi = requests(lm, args.multi_token_questions, multi_token=True)
-    continuation_logprobs(lm, cloze[:1], mc_num=2, batch_size=args.batch_size)  # warm-up, both paths
-    reference_loglikelihood(lm.hf_model, lm.mask_id, prefix + cloze[0][0], cloze[0][1], suffix, 2, 2)
+    sets = {
+        "cloze": requests(lm, "tr_cloze", args.questions),
+        "multi_token": requests(lm, "tr_cloze", args.multi_token_questions, multi_token=True),
+        "long": requests(lm, "tr_order", args.long_questions),  # whole two-sentence texts, no context
+    }
+    warm = next(pairs for pairs in sets.values() if pairs)[:1]
+    continuation_logprobs(lm, warm, mc_num=2, batch_size=args.batch_size)  # warm-up, both paths
+    reference_loglikelihood(lm.hf_model, lm.mask_id, prefix + warm[0][0], warm[0][1], suffix, 2, 2)
     parts = {
-        "cloze": compare(lm, cloze, args.mc_num, args.batch_size, args.seed, args.repeats),
-        "multi_token": compare(lm, multi, args.mc_num, args.batch_size, args.seed, args.repeats),
+        name: compare(lm, pairs, args.mc_num, args.batch_size, args.seed, args.repeats)
+        for name, pairs in sets.items()
+        if pairs
     }
     seconds_reference = sum(p["seconds_reference"] for p in parts.values())
     seconds_fast = sum(p["seconds_fast"] for p in parts.values())
