@@ -111,13 +111,18 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
         return model_card()
 
     # -- generation --------------------------------------------------------------------------
-    async def run_generation(body: schemas.Generation, request: Request, rows_of, chat: bool):
-        """Completions and chat: `rows_of()` gives the row texts (prompts repeated n times) and the
-        count of prompt tokens' owners, on the engine thread."""
+    async def run_generation(body: schemas.Generation, request: Request, prompts: int, rows_of, chat: bool):
+        """Completions and chat: `rows_of()` gives the `prompts` prompt texts, on the engine thread."""
         check_model(body.model)
         body.refuse_unsupported()
         config = body.generation_config()
         max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens) or schemas.DEFAULT_MAX_TOKENS
+        if prompts * body.n > engine.max_batch:  # checked before any list of rows is built
+            raise schemas.BadRequest(
+                f"the request asks for {prompts * body.n} rows (prompts x n), more than --max-batch {engine.max_batch}",
+                "n",
+            )
+        schemas.check_steps(config.steps, max_tokens, "max_tokens")
 
         def prepare() -> Prepared:
             from diffutron.sampling import generation_canvas
@@ -137,14 +142,14 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: schemas.CompletionRequest, request: Request):
         prompts = body.prompts()
-        return await run_generation(body, request, lambda: prompts, chat=False)
+        return await run_generation(body, request, len(prompts), lambda: prompts, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: schemas.ChatRequest, request: Request):
         from diffutron.data.sft import render_prompt
 
         messages = body.rendered_messages()
-        return await run_generation(body, request, lambda: [render_prompt(lm.tokenizer, messages)], chat=True)
+        return await run_generation(body, request, 1, lambda: [render_prompt(lm.tokenizer, messages)], chat=True)
 
     @app.post("/v1/infill", dependencies=v1)
     async def infill(body: schemas.InfillRequest, request: Request):
@@ -157,7 +162,9 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
 
             canvas = infill_canvas(lm, texts)
             # as `sampling.infill`: the masks of a row are one block, one token per step for the longest row
-            steps = config.steps or int(canvas.fillable.sum(dim=1).max())
+            masks = int(canvas.fillable.sum(dim=1).max())
+            schemas.check_steps(config.steps, masks, "the masks of the text")
+            steps = config.steps or masks
             given = int((canvas.attention_mask.bool() & ~canvas.fillable).sum()) - len(texts) * sum(
                 len(a) for a in lm.special_affixes
             )

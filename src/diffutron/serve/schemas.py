@@ -35,6 +35,13 @@ class BadRequest(UsageError):
         self.param = param
 
 
+def check_steps(steps: int | None, tokens: int, what: str) -> None:
+    """More steps than tokens to reveal would only add steps that reveal nothing, while holding a row of
+    the batch: refused."""
+    if steps is not None and steps > tokens:
+        raise BadRequest(f"steps ({steps}) is more than {what} ({tokens}): a step would reveal nothing", "steps")
+
+
 class Body(BaseModel):
     # unknown fields are refused (a misspelt `stpes` must not silently fall back to the default);
     # strict: no "0.5" for a number, no true for a count
