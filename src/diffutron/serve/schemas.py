@@ -35,6 +35,14 @@ class BadRequest(UsageError):
         self.param = param
 
 
+def one_or_more(value: str | list[str], field: str) -> list[str]:
+    """A field that takes a string or a list of them, as a non-empty list."""
+    values = [value] if isinstance(value, str) else value
+    if not values:
+        raise BadRequest(f"{field} is an empty list", field)
+    return values
+
+
 def check_steps(steps: int | None, tokens: int, what: str) -> None:
     """More steps than tokens to reveal would only add steps that reveal nothing, while holding a row of
     the batch: refused."""
@@ -137,10 +145,7 @@ class CompletionRequest(Generation):
             raise BadRequest("best_of is not supported", "best_of")
 
     def prompts(self) -> list[str]:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts:
-            raise BadRequest("prompt is an empty list", "prompt")
-        return prompts
+        return one_or_more(self.prompt, "prompt")
 
 
 class TextPart(Body):
@@ -178,10 +183,7 @@ class InfillRequest(InfillSampling):
     stream: bool = False  # a `diffutron.step` event per step, then the result
 
     def texts(self) -> list[str]:
-        texts = [self.text] if isinstance(self.text, str) else self.text
-        if not texts:
-            raise BadRequest("text is an empty list", "text")
-        return texts
+        return one_or_more(self.text, "text")
 
 
 class FillMaskRequest(Body):
@@ -197,8 +199,8 @@ class ScoreRequest(Body):
     seed: int | None = Field(None, ge=0)
 
     def texts(self) -> list[str]:
-        texts = [self.text] if isinstance(self.text, str) else self.text
-        if not texts or not any(t.strip() for t in texts):
+        texts = one_or_more(self.text, "text")
+        if not any(t.strip() for t in texts):
             raise BadRequest("nothing to score: give text", "text")
         if sum(len(t) for t in texts) > MAX_SCORE_CHARS:
             raise BadRequest(f"at most {MAX_SCORE_CHARS:,} characters per scoring request", "text")
