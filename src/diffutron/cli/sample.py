@@ -16,7 +16,7 @@ from rich.text import Text
 
 from diffutron.cli.common import DEFAULT_MODEL, DeviceOpt, JsonOpt, app, err, load_model, out, print_json
 from diffutron.errors import UsageError
-from diffutron.sampling.config import CACHES, FRAMES, POLICIES, USER_DEFAULTS, SamplingConfig
+from diffutron.sampling.config import CACHES, FRAMES, MAX_NEW_TOKENS, POLICIES, USER_DEFAULTS, SamplingConfig
 
 
 def _default(mode: str, name: str):
@@ -147,7 +147,7 @@ def generate_(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt (repeatable); batched together"),
     prompts_file: str | None = typer.Option(None, "--prompts-file", help="a text file of prompts, one per line"),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="continuations per prompt (seeds seed + i)"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, "--max-new-tokens", "-n", min=1),
     block_length: int | None = typer.Option(None, "--block-length", min=1, help="semi-autoregressive block size"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable): the text ends before it"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="do not stop at the end-of-sequence token"),

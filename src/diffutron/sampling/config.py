@@ -18,6 +18,7 @@ POLICIES = ("confidence", "margin", "entropy", "random", "threshold", "factor", 
 FRAMES = ("closed", "open")
 CACHES = ("none", "prefix", "dual")
 MAX_SEED = 2**63 - 1  # seeds are int64 (rng.py)
+MAX_NEW_TOKENS = 64  # tokens generated when a caller does not say (generate(), the CLI, the server)
 # A temperature this small would overflow logits / T: it means greedy.
 GREEDY_BELOW = 1e-4
 

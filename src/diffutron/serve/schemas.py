@@ -8,18 +8,16 @@ that have no meaning for a diffusion model, refused with a reason instead of ign
 
 from __future__ import annotations
 
-import inspect
 import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from diffutron.errors import UsageError
-from diffutron.sampling import SamplingConfig, generate, user_config
-from diffutron.sampling.config import FIELDS
+from diffutron.sampling import SamplingConfig, user_config
+from diffutron.sampling.config import FIELDS, MAX_NEW_TOKENS
 
-# max_tokens when a request leaves it out: the library's own default of `generate`
-DEFAULT_MAX_TOKENS: int = inspect.signature(generate).parameters["max_new_tokens"].default
+DEFAULT_MAX_TOKENS = MAX_NEW_TOKENS  # max_tokens when a request leaves it out, as in generate() and the CLI
 MAX_STOPS, MAX_STOP_CHARS = 16, 200
 # Scoring runs on the engine's thread between two denoising steps: running generations wait for it.
 # These caps keep the wait to a few seconds on a CPU with the shipped model.
