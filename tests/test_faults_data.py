@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,25 @@ def _folder(out: Path) -> dict:
             content = path.read_bytes()
             if path.name == "stats.json":
                 content = {k: v for k, v in json.loads(content).items() if k not in VOLATILE}
+                content["recipe"].pop("num_proc")  # of the run that finished it
             files[str(path.relative_to(out))] = content
     return files
 
 
-def _run_until_killed(recipe, out, delay, own_group):
-    """prepare() in a forked process, SIGKILLed after `delay` seconds; whether it finished first."""
+def _phase(out: Path) -> str:
+    """Where a killed run was, judged by what it left."""
+    if (out / "stats.json").exists():
+        return "after its last file"
+    if any(out.glob("data-*.arrow")):
+        return "cutting balanced shards"
+    if any(out.glob("parts/*.arrow")):
+        return "streaming (parts written)"
+    return "starting (no part yet)"
+
+
+def _run_until_killed(recipe, out, delay, own_group, after_first_shard=False):
+    """prepare() in a forked process, SIGKILLed `delay` seconds after it starts (or after its first
+    balanced shard appears: the short last phase, hard to hit by time alone); whether it finished first."""
 
     def target():
         if own_group:  # its worker processes die with it, as on a crashed node
@@ -52,6 +66,8 @@ def _run_until_killed(recipe, out, delay, own_group):
 
     child = multiprocessing.get_context("fork").Process(target=target)
     child.start()
+    while after_first_shard and child.is_alive() and not (out / "data-00000.arrow").exists():
+        time.sleep(0.001)
     child.join(delay)
     finished = child.exitcode == 0
     if child.exitcode is None:
@@ -67,18 +83,21 @@ def test_kill_9_at_random_points_then_a_rerun_equals_the_uninterrupted_run(tmp_p
     seconds = prepare(_recipe(), tmp_path / "reference")["seconds"]  # from the tokenizer loaded to the end
     reference = _folder(tmp_path / "reference")
     assert len([name for name in reference if name.startswith("data-")]) > 5
-    rng, outcomes = random.Random(0), {"killed": 0, "finished before the kill": 0}
+    rng, outcomes = random.Random(0), Counter()
     for iteration in range(ITERATIONS):
         num_proc = 2 if iteration % 4 == 3 else 1
         out = tmp_path / f"run-{iteration}"
         delay = rng.uniform(0, 1.2 * seconds) + (4 if num_proc > 1 else 0)  # + the workers' start
+        late = iteration % 3 == 2
+        if late:
+            delay = rng.uniform(0, 0.05)
         for _ in range(1 + (iteration % 2)):  # every other iteration is killed twice before the rerun
-            finished = _run_until_killed(_recipe(num_proc), out, delay, own_group=num_proc > 1)
+            finished = _run_until_killed(_recipe(num_proc), out, delay, num_proc > 1, after_first_shard=late)
+            outcomes["finished before the kill" if finished else f"killed {_phase(out)}"] += 1
             delay = rng.uniform(0, seconds)
-        outcomes["finished before the kill" if finished else "killed"] += 1
         prepare(_recipe(), out)
         assert _folder(out) == reference, f"iteration {iteration} (kill after {delay:.2f} s)"
-    print(f"\nkill -9 faults: {ITERATIONS} tried, {ITERATIONS} resumed to the uninterrupted result ({outcomes})")
+    print(f"\nkill -9 faults: {ITERATIONS} runs resumed to the uninterrupted result after {dict(outcomes)}")
 
 
 def test_ctrl_c_with_worker_processes_is_one_line_and_exit_130(tmp_path):
