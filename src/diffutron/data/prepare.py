@@ -72,7 +72,7 @@ class DataRecipe:
 
     def identity(self) -> dict:
         """What the output depends on: the recipe but its num_proc, and the identity of its inputs
-        (each file's size and content hash, or modification time when larger than HASH_BYTES)."""
+        (each file's size and content hash, or its modification time past HASH_BYTES of a source)."""
         recipe = {k: v for k, v in asdict(self).items() if k != "num_proc"}
         inputs = {s.name or s.spec: _files_identity(input_files(s.spec), s.spec) for s in self.sources}
         if self.tokenizer == "bundled":
@@ -90,7 +90,7 @@ class DataRecipe:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-HASH_BYTES = 1 << 24
+HASH_BYTES = 1 << 26  # of a source's files are hashed; the files beyond are known by size and modification time
 
 
 def _files_identity(files: list[Path] | None, name: str) -> list:
@@ -99,10 +99,18 @@ def _files_identity(files: list[Path] | None, name: str) -> list:
     if files is None:
         return [name]
     root = Path(os.path.commonpath([p.parent for p in files])) if files else Path()
-    identity = []
+    identity, budget = [], HASH_BYTES
     for path in files:
         stat = path.stat()
-        content = hashlib.sha256(path.read_bytes()).hexdigest() if stat.st_size <= HASH_BYTES else stat.st_mtime_ns
+        if stat.st_size <= budget:
+            budget -= stat.st_size
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            content = digest.hexdigest()
+        else:
+            content = stat.st_mtime_ns
         identity.append([path.relative_to(root).as_posix(), stat.st_size, content])
     return identity
 
