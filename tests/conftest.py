@@ -72,3 +72,14 @@ def model_folders(tmp_path_factory, tokenizer):
         tokenizer.save_pretrained(folder)
         folders[kind] = str(folder)
     return folders
+
+
+@pytest.fixture(scope="session")
+def bundled_128(tmp_path_factory):
+    """600 documents of the bundled corpus packed into 128-token sequences (the training tests' data)."""
+    from diffutron.data.pack import PackConfig
+    from diffutron.data.prepare import DataRecipe, prepare
+
+    folder = tmp_path_factory.mktemp("data") / "bundled-128"
+    prepare(DataRecipe(pack=PackConfig(max_length=128), max_documents=600), folder)
+    return str(folder)

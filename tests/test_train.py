@@ -17,13 +17,8 @@ CLI = [sys.executable, "-m", "diffutron"]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from diffutron.data.pack import PackConfig
-    from diffutron.data.prepare import DataRecipe, prepare
-
-    folder = tmp_path_factory.mktemp("data") / "bundled-128"
-    prepare(DataRecipe(pack=PackConfig(max_length=128), max_documents=600), folder)
-    return str(folder)
+def dataset(bundled_128):
+    return bundled_128
 
 
 def _recipe(dataset, out, **changes):
@@ -48,6 +43,30 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
 
+def _expected_lrs(lr: float, warmup: int, max_steps: int) -> list[float]:
+    """The lr after each optimizer step of a one-process run: the cosine schedule, built directly."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    lrs = []
+    for _ in range(max_steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs
+
+
+def test_dry_run_prints_plain_values_and_catches_too_little_data(capsys):
+    from diffutron.cli import main
+
+    assert main(["train", "configs/tiny-sft.yaml", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "lora: true" in printed and "precision: fp32" in printed and "sequences: 42" in printed
+    assert main(["train", "configs/tiny-sft.yaml", "--dry-run", "--batch-size", "64"]) == 2
+    assert "fewer than one batch (64): lower --batch-size" in capsys.readouterr().err
+
+
 def test_dry_run_of_the_reference_recipe():
     done = subprocess.run(
         CLI + ["train", "configs/diffutron-0.3b-cpt.yaml", "--model", "preset:mmbert-base", "--dry-run", "--json"],
@@ -68,7 +87,8 @@ def test_loss_decreases(dataset, tmp_path):
             "lora.enabled": False,
             "train.max_steps": 30,
             "train.batch_size": 8,
-            "train.log_every": 5,
+            "train.log_every": 1,
+            "train.eval_every": 15,
             "data.eval": "bundled:heldout",
             "data.eval_documents": 8,
             "train.plot": True,
@@ -78,8 +98,9 @@ def test_loss_decreases(dataset, tmp_path):
     losses = _losses(tmp_path / "run")
     assert summary["step"] == 30 and losses[-1] < losses[0] - 0.5
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "tokens_per_s"} <= records[0].keys()
-    assert any("eval_ppl" in r and "eval_elbo_ppl" in r for r in records)
+    assert {"step", "loss", "lr", "tokens_per_s"} <= records[1].keys()
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx(_expected_lrs(1e-3, 0, 30), rel=1e-9)
+    assert [r["step"] for r in records if "eval_ppl" in r] == [0, 15, 30]  # the curve starts at step 0
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
@@ -107,7 +128,7 @@ def killed_and_resumed(dataset, tmp_path_factory):
         "train.plot=false",
     ]
     subprocess.run(CLI + args + ["--out", str(root / "straight")], check=True, capture_output=True)
-    env = {**os.environ, "DIFFUTRON_TEST_KILL_AFTER_SAVE": "3"}
+    env = {**os.environ, "DIFFUTRON_TEST_KILL": "checkpoint-saved:3"}
     killed = subprocess.run(CLI + args + ["--out", str(root / "killed")], env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     assert not (root / "killed" / "final").exists() and (root / "killed" / "checkpoint-3").is_dir()
@@ -167,9 +188,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_hold_equal_weights(dataset, tmp_path):
+def test_two_processes_hold_equal_weights_and_step_the_lr_once_per_step(dataset, tmp_path):
     """`accelerate launch` with two processes on the CPU (torchrun + gloo; `--cpu` alone would run one
-    process unless mpirun is installed)."""
+    process unless mpirun is installed), two micro-batches per step: the lr of each optimizer step is a
+    one-process run's (accelerate would step the schedule once per process)."""
     command = [
         sys.executable,
         "-m",
@@ -193,12 +215,20 @@ def test_two_processes_hold_equal_weights(dataset, tmp_path):
         "data.eval=null",
         "--set",
         "train.plot=false",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.grad_accum=2",
         "--json",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert summary["processes"] == 2 and summary["replicas_in_sync"] and summary["step"] == 6
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx(_expected_lrs(1e-3, 5, 6), rel=1e-9)  # configs/tiny-cpt.yaml: warmup 5
 
 
 def test_sft_never_masks_the_prompt(tokenizer):

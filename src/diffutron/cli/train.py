@@ -69,7 +69,18 @@ def train_(
         return print_json(summary)
     if dry_run:
         for key, value in summary.items():
-            out.print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+            out.print(f"{key}: {_plain(value)}", highlight=False, soft_wrap=True)
+        return
+    if summary.get("already_complete"):
+        seconds = summary.get("seconds")
+        took = f", trained in {seconds:.0f} s" if seconds is not None else ""
+        out.print(
+            f"{summary['out']} already holds a finished run of {summary['step']:,} steps{took}; model in "
+            f"{summary['final']}. Nothing to do: raise --max-steps to train on, or use a new --out (or delete "
+            "the folder) to start afresh",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     if summary.get("interrupted"):
         err.print(
@@ -77,10 +88,23 @@ def train_(
         )
         raise typer.Exit(130)
     curves = Path(summary["out"]) / "curves.png"
+    resumed = f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else ""
+    loss = summary["final_loss"]
     out.print(
-        f"trained {summary['step']} steps in {summary['seconds']:.0f} s, final loss {summary['final_loss']:.4f}; "
-        f"model in {summary['final']}" + (f", curves in {curves}" if curves.is_file() else "")
+        f"trained to step {summary['step']:,}{resumed} in {summary['seconds']:.0f} s, final loss "
+        + (f"{loss:.4f}" if loss is not None else "non-finite")
+        + f"; model in {summary['final']}"
+        + (f", curves in {curves}" if curves.is_file() else ""),
+        highlight=False,
+        soft_wrap=True,
     )
+
+
+def _plain(value) -> str:
+    """true/false for booleans, thousands separators for counts."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 @app.command("export")
@@ -90,12 +114,13 @@ def export_(
     ),
     out_dir: str = typer.Option(..., "--out", help="the folder to write"),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="merge the adapter into the base: a standalone model"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out that is not an earlier export"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a standard Hugging Face folder (or a peft adapter folder) from a run or checkpoint."""
     from diffutron.export import export
 
-    result = export(source, out_dir, merge_lora=merge_lora)
+    result = export(source, out_dir, merge_lora=merge_lora, force=force)
     if as_json:
         return print_json(result)
     out.print(f"wrote {result['kind']} to {out_dir}")
@@ -112,7 +137,7 @@ def demo(
     from diffutron.demo import run_demo
 
     with training_progress("CPT", steps) as (update, bar):
-        result = run_demo(out_dir, max_steps=steps, progress=update, status=lambda m: bar.console.log(m))
+        result = run_demo(out_dir, max_steps=steps, progress=update, status=lambda m: bar.console.print(m))
     if as_json:
         return print_json(
             {k: result[k] for k in ("ppl_before", "ppl_after", "samples", "run_dir")}
@@ -120,7 +145,15 @@ def demo(
                 "infill": result["infill"],
                 "elbo_ppl_before": result["elbo_ppl_before"],
                 "elbo_ppl_after": result["elbo_ppl_after"],
+                "reused": result["reused"],
             }
+        )
+    if result["reused"]:
+        err.print(
+            f"{result['run_dir']} already held a finished run of {result['steps']} steps (trained in "
+            f"{result['train_seconds']:.0f} s): reused it; delete it or pass --out to train afresh",
+            highlight=False,
+            soft_wrap=True,
         )
     table = Table(title="held-out PPL @ 15% masked (bundled heldout split)")
     for column in ("model", "PPL", "ELBO bound", "top-1"):
