@@ -34,22 +34,30 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
+AUTOCAST_CASES = [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device, dtype", AUTOCAST_CASES)
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_bf16_autocast_matches_fp32_with_trainable_weight(backward_inside):
-    """Full fine-tuning under CPU bf16 autocast; PyTorch's recommended pattern runs backward() outside
-    the autocast region, where the recomputed chunks must still see the forward's dtypes."""
+def test_autocast_matches_fp32_with_trainable_weight(device, dtype, backward_inside):
+    """Full fine-tuning under autocast; PyTorch's recommended pattern runs backward() outside the
+    autocast region, where the recomputed chunks must still see the forward's dtypes."""
     g = torch.Generator().manual_seed(0)
     hidden, vocab, n = 32, 300, 41
-    x = torch.randn(n, hidden, generator=g)
-    layer = torch.nn.Linear(hidden, hidden)  # makes z bf16 under autocast, as the model's head does
-    weight = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g) / hidden**0.5)
-    bias = torch.nn.Parameter(torch.randn(vocab, generator=g) * 0.1)
-    targets = torch.randint(vocab, (n,), generator=g)
+    x = torch.randn(n, hidden, generator=g).to(device)
+    layer = torch.nn.Linear(hidden, hidden).to(device)  # makes z low-precision under autocast, as the head does
+    weight = torch.nn.Parameter((torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device))
+    bias = torch.nn.Parameter((torch.randn(vocab, generator=g) * 0.1).to(device))
+    targets = torch.randint(vocab, (n,), generator=g).to(device)
     params = [layer.weight, weight, bias]
 
     dense = F.cross_entropy(F.linear(layer(x), weight, bias), targets, reduction="none")
     dense_grads = torch.autograd.grad(dense.mean(), params)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=dtype):
         fast = linear_cross_entropy(layer(x), weight, bias, targets, chunk=8)
         loss = fast.mean()
         if backward_inside:
