@@ -2,9 +2,9 @@
 
     python scripts/model_cards.py [--base-seconds S --cpt-seconds S]
 
-Each number in the cards is what `diffutron eval MODEL --data bundled:heldout --samples 5 --elbo-samples 16 --json`
-prints for that model (mask ratio 0.15, seed 0, ELBO bound from 16 stratified passes); the change from
-base to CPT is paired: pass k masks the same positions for both models.
+Each number in the cards is what `diffutron eval NAME --data bundled:heldout --samples 5 --elbo-samples 16 --json`
+prints for that model (mask ratio 0.15, seed 0, PPL pooled over 5 passes, the ELBO bound on the generative
+perplexity from 16 strata); the change from base to CPT is paired: pass k masks the same positions for both models.
 """
 
 import argparse
@@ -39,19 +39,25 @@ print(f"PPL change base -> CPT: {change:+.1f}% +- {change_stderr:.1f}% (paired o
 
 
 def row(label, r):
-    return f"| {label} | {r.ppl:.2f} ± {r.ppl_stderr:.2f} | {r.elbo_ppl:.2f} | {r.top1:.1%} | {r.top5:.1%} |"
+    return (
+        f"| {label} | {r.ppl:.2f} ± {r.ppl_stderr:.2f} | {r.elbo_ppl:.1f} ± {r.elbo_ppl_stderr:.1f} "
+        f"| {r.top1:.1%} | {r.top5:.1%} |"
+    )
 
 
-TABLE = f"""| model | PPL @ 15% masked (± s.e., 5 passes) | ELBO bound (16 passes) | fill-mask top-1 | top-5 |
+TABLE = f"""| model | PPL @ 15% masked (± s.e., 5 passes pooled) | ELBO bound on generative PPL (± s.e., 16 strata) \
+| fill-mask top-1 | top-5 |
 |---|---|---|---|---|
 {row("tiny-base (MLM pre-training)", base)}
 {row("tiny-diffutron (+ CPT with LoRA, MDLM)", cpt)}
 
 CPT changes PPL@15% by {change:+.1f}% ± {change_stderr:.1f}% (paired: each pass masks the same positions
 for both models, so the change is far tighter than either standard error, which is mostly the luck
-of the masks) and the ELBO bound by {100 * (cpt.elbo_ppl / base.elbo_ppl - 1):+.1f}%.
+of the masks) and the ELBO bound by {100 * (cpt.elbo_ppl / base.elbo_ppl - 1):+.1f}%. The ELBO bound is an upper
+bound on the model's perplexity as a generative model of the text (what masked-diffusion papers report as
+test perplexity); it is not comparable with PPL @ 15%, where the model sees 85% of the text.
 Measured on the bundled `heldout` split ({base.tokens:,} tokens, {base.windows} windows) with
-`diffutron eval src/diffutron/assets/models/NAME --data bundled:heldout --samples 5 --elbo-samples 16 --json`
+`diffutron eval NAME --data bundled:heldout --samples 5 --elbo-samples 16 --json`
 (recomputed by `python scripts/model_cards.py`). The reference card's table, in miniature:
 mmBERT-base 3.42 -> DiffutronLM-0.3B 2.75 on real held-out Turkish writing."""
 
@@ -66,7 +72,7 @@ it for tests, demos and as a template for the real recipe (`configs/diffutron-0.
 
 
 def model_arg(name: str) -> str:
-    return "" if name == "tiny-diffutron" else "src/diffutron/assets/models/tiny-base "
+    return "" if name == "tiny-diffutron" else "tiny-base "
 
 
 def card(name: str, title: str, body: str, seconds) -> str:
@@ -99,7 +105,20 @@ It is a standard Hugging Face folder: `AutoModelForMaskedLM.from_pretrained(path
 """
 
 
-(shipped_model("tiny-base") / "README.md").write_text(
+def write_card(name: str, text: str) -> None:
+    """Write the card, keeping the sections of the existing one that this script does not write (e.g. the
+    task-pack accuracies that `diffutron lm-eval` measures) at its end."""
+    path = shipped_model(name) / "README.md"
+    ours = {line for line in text.splitlines() if line.startswith("## ")}
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    kept = [part for part in old.split("\n## ")[1:] if f"## {part.splitlines()[0]}" not in ours]
+    path.write_text(
+        text.rstrip("\n") + "".join("\n\n## " + part.rstrip("\n") for part in kept) + "\n", encoding="utf-8"
+    )
+
+
+write_card(
+    "tiny-base",
     card(
         "tiny-base",
         "A ModernBERT encoder (preset `tiny`: hidden 256, 4 layers, 4 heads, intermediate 384, global "
@@ -113,9 +132,9 @@ It is a standard Hugging Face folder: `AutoModelForMaskedLM.from_pretrained(path
         "cosine schedule, bf16 autocast, seed 0); rebuilt by `scripts/build_models.sh`.",
         args.base_seconds,
     ),
-    encoding="utf-8",
 )
-(shipped_model("tiny-diffutron") / "README.md").write_text(
+write_card(
+    "tiny-diffutron",
     card(
         "tiny-diffutron",
         "tiny-base after continual pre-training with LoRA under the masked-diffusion (MDLM) objective, "
@@ -133,5 +152,4 @@ It is a standard Hugging Face folder: `AutoModelForMaskedLM.from_pretrained(path
         "text that mmBERT had seen little of; this miniature keeps that cause.",
         args.cpt_seconds,
     ),
-    encoding="utf-8",
 )

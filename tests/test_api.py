@@ -46,3 +46,19 @@ def test_help_and_version_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"diffutron {diffutron.__version__}\n" in done.stdout
+
+
+def test_the_readme_python_snippet_runs(monkeypatch):
+    """The README's Python block, run as written (on three short held-out documents, to keep it fast)."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from diffutron.data import read_documents
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"## Python\n+```python\n(.*?)```", readme, re.S).group(1)
+    assert "evaluate(" in snippet and "fill_mask(" in snippet
+    short = [SimpleNamespace(text=d.text[:200]) for d in read_documents("bundled:heldout")[:3]]
+    monkeypatch.setattr(diffutron, "read_documents", lambda spec: short)
+    exec(compile(snippet, "README.md", "exec"), {})

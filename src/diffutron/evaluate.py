@@ -1,36 +1,58 @@
-"""Evaluation: perplexity at a fixed mask ratio, the MDLM ELBO perplexity bound, fill-mask accuracy.
+"""Evaluation: perplexity at a fixed mask ratio, the MDLM ELBO bound, fill-mask accuracy.
 
 PPL@r (the reference model's metric, r = 0.15): documents are cut into windows of the model's
 context (with the tokenizer's special tokens around each), every maskable token is masked with
-probability r, and PPL = exp(mean cross-entropy over the masked tokens). Each of `samples` passes
-draws new masks; the mean and standard error of the per-pass PPL are reported.
+probability r, and PPL = exp(mean cross-entropy over the masked tokens). With several passes (each
+draws new masks) the cross-entropies are pooled: PPL = exp(mean CE over every masked token of every
+pass); its standard error comes from the spread of the passes' mean CE, and each pass's own PPL is
+kept for paired comparisons (pass k masks the same positions for any model with this tokenizer).
 
-ELBO bound: exp(NELBO per token), the MDLM bound on the model's true perplexity: t is stratified
-over the passes (pass k of N draws t in [k/N, (k+1)/N)), a token is masked with probability
-1 - alpha(t), and its cross-entropy weighted by w(t).
+ELBO bound: exp(NELBO per token), MDLM's upper bound on the model's perplexity as a generative
+model of the text, the figure masked-diffusion papers report as test perplexity. It is not a PPL at
+a mask ratio and not comparable with PPL@15%, which lets the model see 85% of the text. It is
+estimated as LLaDA does (Nie et al. 2025, eq. 14): a window of L maskable tokens gets l of them
+masked, l uniform in 1..L, and (L / l) x the sum of their cross-entropies. For an encoder that is not
+told t, this has the same expectation as MDLM's continuous-time NELBO under any schedule, with far
+less variance than weighting by 1/t (a small t masks a token or two, weighted by up to 1000). l is
+stratified: each window draws one l in each of `elbo_samples` strata of 1..L. The standard error
+collapses the strata in pairs (the usual estimator for one draw per stratum, slightly conservative).
 
-Masks come from a generator seeded by (seed, pass, window): the same for any batch size or order.
+Masks come from generators seeded by (seed, pass, window index): the same for any batch size, and
+the ELBO's do not depend on the number of PPL passes. Windows are streamed: the text is tokenized a
+piece at a time and memory stays bounded by a buffer of batches, whatever the size of the input.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from diffutron.errors import UsageError
-from diffutron.schedules import get_schedule
+
+# Strata of the ELBO bound by default: on the shipped tiny-diffutron and the held-out split its
+# standard error is then 1.5% of the value (docs/benchmarks.md); it shrinks as 1/sqrt(strata x windows).
+ELBO_STRATA = 16
+# The ELBO's masks are drawn from pass ids far from the PPL passes', so that they do not move with `samples`.
+_ELBO_STREAM = 1 << 20
+# Text is tokenized in pieces of about this many characters (cut at a space between two words).
+CHUNK_CHARS = 1 << 16
+# Windows are sorted by length within this many batches, so that a batch needs little padding.
+_SORT_BATCHES = 16
 
 
 @dataclass
 class EvalResult:
-    ppl: float
-    ppl_stderr: float
-    elbo_ppl: float | None  # an upper bound on the perplexity, not a perplexity
+    ppl: float  # PPL at mask_ratio: exp of the mean cross-entropy over the masked tokens of all passes
+    ppl_stderr: float | None  # standard error of ppl from the passes' spread; None with one pass
+    elbo_ppl: float | None  # upper bound on the generative perplexity (MDLM's), NOT a PPL at mask_ratio
+    elbo_ppl_stderr: float | None  # Monte Carlo standard error of elbo_ppl; None with fewer than 2 strata
+    elbo_samples: int  # strata of the ELBO bound (0: not computed)
     tokens: int  # maskable tokens evaluated (per pass)
     masked_tokens: int  # masked tokens over all PPL passes
     top1: float
@@ -47,12 +69,66 @@ class EvalResult:
         return asdict(self)
 
 
-def make_windows(lm, texts: Sequence[str]) -> list[list[int]]:
-    """Token windows of at most the model's context, each wrapped in the tokenizer's special tokens."""
+def iter_windows(lm, texts: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[list[int]]:
+    """Token windows of at most the model's context, each wrapped in the tokenizer's special tokens.
+
+    A document is cut every `room` tokens; its last window holds the rest. Streamed: memory holds one
+    piece of text and its tokens, never the whole input.
+    """
     prefix, suffix = lm.special_affixes
     room = lm.context_length - len(prefix) - len(suffix)
-    encoded = lm.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [prefix + ids[i : i + room] + suffix for ids in encoded for i in range(0, len(ids), room)]
+    buffer: list[int] = []
+    for ids, ends_document in _token_pieces(lm.tokenizer, texts, chunk_chars):
+        buffer.extend(ids)
+        start = 0
+        while len(buffer) - start >= room:
+            yield prefix + buffer[start : start + room] + suffix
+            start += room
+        del buffer[:start]
+        if ends_document and buffer:
+            yield prefix + buffer + suffix
+            buffer = []
+
+
+def make_windows(lm, texts: Iterable[str]) -> list[list[int]]:
+    """All the windows of `texts` as a list (iter_windows, for inputs that fit in memory)."""
+    return list(iter_windows(lm, texts))
+
+
+def _token_pieces(tokenizer, texts: Iterable[str], chunk_chars: int) -> Iterator[tuple[list[int], bool]]:
+    """(token ids, ends its document) for each piece of each text, tokenized many pieces per call."""
+    batch: list[tuple[str, bool]] = []
+    size = 0
+
+    def flush():
+        encoded = tokenizer([piece for piece, _ in batch], add_special_tokens=False, verbose=False)["input_ids"]
+        return zip(encoded, [last for _, last in batch], strict=True)
+
+    for text in texts:
+        for piece in _pieces(text, chunk_chars):
+            batch.append(piece)
+            size += len(piece[0])
+            if size >= chunk_chars:
+                yield from flush()
+                batch, size = [], 0
+    if batch:
+        yield from flush()
+
+
+def _pieces(text: str, size: int) -> Iterator[tuple[str, bool]]:
+    """`text` in pieces of at most about `size` characters, each cut just before a space that stands
+    between two non-spaces: byte-level BPE, WordPiece and SentencePiece all start a word there, so the
+    pieces tokenize as the whole text does. (Text without such a space is cut at `size`.)"""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], True
 
 
 def _generator(seed: int, sample: int, window: int) -> torch.Generator:
@@ -71,122 +147,150 @@ def _mask_window(lm, ids: torch.Tensor, prob: float, g: torch.Generator, bert_co
     return noisy, masked
 
 
+def _mask_stratum(lm, ids: torch.Tensor, stratum: int, strata: int, g: torch.Generator):
+    """(corrupted ids, masked positions, weight L / l): l of the window's L maskable tokens masked, l
+    drawn uniformly from stratum `stratum` of `strata` equal parts of 1..L."""
+    maskable = lm.maskable(ids).nonzero().flatten()
+    u = (stratum + torch.rand(1, generator=g, dtype=torch.float64).item()) / strata
+    count = min(len(maskable), int(u * len(maskable)) + 1)
+    masked = torch.zeros_like(ids, dtype=torch.bool)
+    masked[maskable[torch.randperm(len(maskable), generator=g)[:count]]] = True
+    return ids.masked_fill(masked, lm.mask_id), masked, len(maskable) / count
+
+
 def _batched_ce(
-    lm, noisy: list[torch.Tensor], masked: list[torch.Tensor], clean: list[torch.Tensor], sparse_head: bool
+    lm,
+    noisy: list[torch.Tensor],
+    masked: list[torch.Tensor],
+    clean: list[torch.Tensor],
+    sparse_head: bool,
+    ranks: bool = True,
 ):
-    """Cross-entropy [N] and logits-derived ranks at the masked positions of a padded batch."""
+    """Cross-entropy [N] (and, with `ranks`, the target's rank [N]) at the masked positions of a batch.
+    Without ranks, the sparse head never holds [N, V] logits at once (the model's chunked CE)."""
     length = max(len(x) for x in noisy)
     pad = lambda xs, value: torch.stack([F.pad(x, (0, length - len(x)), value=value) for x in xs])  # noqa: E731
     device = lm.device
     ids, pos, tgt = pad(noisy, lm.pad_id).to(device), pad(masked, False).to(device), pad(clean, lm.pad_id).to(device)
     attention = pad([torch.ones_like(x) for x in noisy], 0).to(device)
+    if sparse_head and not ranks:  # CE chunk by chunk: an ELBO stratum near t = 1 masks every token
+        return lm(ids, attention, positions=pos, targets=tgt[pos]).float().cpu(), None
     logits = lm(ids, attention, positions=pos) if sparse_head else lm.full_logits(ids, attention)[pos]
     logits = logits.float()
     targets = tgt[pos]
     ce = F.cross_entropy(logits, targets, reduction="none")
-    target_logit = logits.gather(1, targets[:, None])
-    rank = (logits > target_logit).sum(dim=1)  # 0 = the target is the top-1 prediction
+    if not ranks:
+        return ce.cpu(), None
+    rank = (logits > logits.gather(1, targets[:, None])).sum(dim=1)  # 0 = the target is the top-1 prediction
     return ce.cpu(), rank.cpu()
 
 
-def evaluate(lm, texts: Sequence[str], **options) -> EvalResult:
-    """Evaluate on documents: cut into context windows, then `evaluate_windows(lm, windows, **options)`."""
-    return evaluate_windows(lm, make_windows(lm, texts), **options)
+def evaluate(lm, texts: Iterable[str], **options) -> EvalResult:
+    """Evaluate on documents (any iterable, streamed): `evaluate_windows(lm, iter_windows(lm, texts), **options)`."""
+    return evaluate_windows(lm, iter_windows(lm, texts), **options)
+
+
+def _batches(windows: Iterable[Sequence[int]], batch_size: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Batches of (window index, ids), longest first within a buffer of a few batches: less padding,
+    and the index (which seeds the masks) is the window's place in the input."""
+    numbered = ((i, torch.tensor(w)) for i, w in enumerate(windows))
+    while buffer := list(itertools.islice(numbered, batch_size * _SORT_BATCHES)):
+        buffer.sort(key=lambda item: -len(item[1]))
+        for b in range(0, len(buffer), batch_size):
+            yield buffer[b : b + batch_size]
+
+
+def _collapsed_strata_variance(x: torch.Tensor) -> torch.Tensor:
+    """Estimated variance of sum_k x[k] for x [N strata, W windows], one draw per stratum: strata in
+    consecutive pairs (the last three together when N is odd), sum over groups of n/(n-1) * sum of
+    squared deviations from the group mean. [W]"""
+    n = x.shape[0]
+    bounds = list(range(0, n - 1, 2))
+    groups = [(b, b + 2) for b in bounds[:-1]] + [(bounds[-1], n)] if n >= 2 else []
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for lo, hi in groups:
+        group = x[lo:hi]
+        total += (hi - lo) / (hi - lo - 1) * ((group - group.mean(dim=0)) ** 2).sum(dim=0)
+    return total
 
 
 @torch.no_grad()
 def evaluate_windows(
     lm,
-    token_windows: Sequence[Sequence[int]],
+    token_windows: Iterable[Sequence[int]],
     *,
     mask_ratio: float = 0.15,
     samples: int = 1,
     seed: int = 0,
     batch_size: int = 8,
-    elbo_samples: int | None = None,
-    schedule: str = "linear",
+    elbo_samples: int = ELBO_STRATA,
     bert_corruption: bool = False,
     sparse_head: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> EvalResult:
-    """PPL at `mask_ratio` (mean +- stderr over `samples` passes), ELBO bound, top-1/top-5 accuracy.
+    """PPL at `mask_ratio` (pooled over `samples` passes), the ELBO bound from `elbo_samples` strata
+    (0 skips it), top-1/top-5 accuracy. `token_windows` may be any iterable: it is read once.
 
-    progress(done, total) is called after each batch, counted in window forwards.
+    progress(windows done, None) is called after each batch (the total is not known in advance).
     """
-    if not 0.0 < mask_ratio < 1.0:
+    if not (math.isfinite(mask_ratio) and 0.0 < mask_ratio < 1.0):
         raise UsageError(f"mask ratio must be in (0, 1), got {mask_ratio}")
     if samples < 1 or batch_size < 1:
         raise UsageError("samples and batch size must be at least 1")
-    # One stratum alone is a noisy bound: at least 4 unless asked otherwise.
-    elbo_samples = max(samples, 4) if elbo_samples is None else elbo_samples
-    sched = get_schedule(schedule)
+    if elbo_samples < 0:
+        raise UsageError(f"elbo_samples must be >= 0, got {elbo_samples}")
     start = time.perf_counter()
-    windows = [torch.tensor(w) for w in token_windows]
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))  # less padding per batch
-    tokens = int(sum(lm.maskable(w).sum() for w in windows))
+    ce_sum = torch.zeros(samples, dtype=torch.float64)
+    ce_count = torch.zeros(samples, dtype=torch.long)
+    top1 = top5 = tokens = windows = 0
+    nelbo_sum = nelbo_var = 0.0
+
+    for batch in _batches(token_windows, batch_size):
+        clean = [ids for _, ids in batch]
+        for k in range(samples):
+            drawn = [_mask_window(lm, ids, mask_ratio, _generator(seed, k, i), bert_corruption) for i, ids in batch]
+            ce, rank = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head)
+            ce_sum[k] += ce.double().sum()
+            ce_count[k] += ce.numel()
+            top1 += int((rank == 0).sum())
+            top5 += int((rank < 5).sum())
+        if elbo_samples:
+            x = torch.zeros(elbo_samples, len(batch), dtype=torch.float64)  # weighted CE sum per stratum, window
+            for k in range(elbo_samples):
+                drawn = [
+                    _mask_stratum(lm, ids, k, elbo_samples, _generator(seed, _ELBO_STREAM + k, i)) for i, ids in batch
+                ]
+                ce, _ = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head, ranks=False)
+                per_window = torch.split(ce.double(), [int(d[1].sum()) for d in drawn])
+                x[k] = torch.stack([part.sum() * d[2] for part, d in zip(per_window, drawn, strict=True)])
+            nelbo_sum += float(x.sum()) / elbo_samples
+            nelbo_var += float(_collapsed_strata_variance(x).sum()) / elbo_samples**2
+        tokens += int(sum(lm.maskable(ids).sum() for ids in clean))
+        windows += len(batch)
+        if progress:
+            progress(windows, None)
+
     if tokens == 0:
         raise UsageError("the data has no tokens to evaluate")
-    total_forwards, done = len(windows) * (samples + elbo_samples), 0
-
-    def run_pass(draw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CE, weights and ranks of every masked token of one pass; draw(window index) -> masks."""
-        nonlocal done
-        ces, weights, ranks = [], [], []
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
-            drawn = [draw(i) for i in batch]  # (noisy, masked, weight) per window
-            ce, rank = _batched_ce(
-                lm, [d[0] for d in drawn], [d[1] for d in drawn], [windows[i] for i in batch], sparse_head
-            )
-            ces.append(ce)
-            ranks.append(rank)
-            weights.append(torch.cat([torch.full((int(d[1].sum()),), d[2]) for d in drawn]))
-            done += len(batch)
-            if progress:
-                progress(done, total_forwards)
-        return torch.cat(ces), torch.cat(weights), torch.cat(ranks)
-
-    pass_ppls, all_ranks, masked_tokens = [], [], 0
-    for k in range(samples):
-
-        def fixed_ratio(i: int, k=k):
-            noisy, masked = _mask_window(lm, windows[i], mask_ratio, _generator(seed, k, i), bert_corruption)
-            return noisy, masked, 1.0
-
-        ce, _, ranks = run_pass(fixed_ratio)
-        if ce.numel() == 0:
-            raise UsageError("no token was masked: the data is too short for this mask ratio")
-        pass_ppls.append(math.exp(ce.mean().item()))
-        all_ranks.append(ranks)
-        masked_tokens += ce.numel()
-
-    nelbo = []
-    for k in range(elbo_samples):
-
-        def stratified(i: int, k=k):
-            g = _generator(seed, samples + k, i)
-            t = (k + torch.rand(1, generator=g)) / elbo_samples  # stratum k of N
-            t = t.clamp(min=1e-3)
-            noisy, masked = _mask_window(lm, windows[i], float(sched.mask_prob(t)), g, False)
-            return noisy, masked, float(sched.elbo_weight(t))
-
-        ce, weights, _ = run_pass(stratified)
-        nelbo.append((ce * weights).sum().item() / tokens)
-
-    ranks = torch.cat(all_ranks)
-    ppl_tensor = torch.tensor(pass_ppls, dtype=torch.float64)
-    stderr = float(ppl_tensor.std() / math.sqrt(samples)) if samples > 1 else 0.0
+    masked_tokens = int(ce_count.sum())
+    if (ce_count == 0).any():
+        raise UsageError("no token was masked in a pass: the data is too short for this mask ratio")
+    pass_ce = ce_sum / ce_count
+    ppl = math.exp(float(ce_sum.sum()) / masked_tokens)
+    elbo_ppl = math.exp(nelbo_sum / tokens) if elbo_samples else None
     return EvalResult(
-        ppl=float(ppl_tensor.mean()),
-        ppl_stderr=stderr,
-        elbo_ppl=math.exp(sum(nelbo) / len(nelbo)) if nelbo else None,
+        ppl=ppl,
+        ppl_stderr=ppl * float(pass_ce.std() / math.sqrt(samples)) if samples > 1 else None,
+        elbo_ppl=elbo_ppl,
+        elbo_ppl_stderr=elbo_ppl * math.sqrt(nelbo_var) / tokens if elbo_ppl and elbo_samples >= 2 else None,
+        elbo_samples=elbo_samples,
         tokens=tokens,
         masked_tokens=masked_tokens,
-        top1=float((ranks == 0).float().mean()),
-        top5=float((ranks < 5).float().mean()),
+        top1=top1 / masked_tokens,
+        top5=top5 / masked_tokens,
         mask_ratio=mask_ratio,
         samples=samples,
-        pass_ppl=pass_ppls,
-        windows=len(windows),
+        pass_ppl=[math.exp(float(c)) for c in pass_ce],
+        windows=windows,
         seconds=time.perf_counter() - start,
     )

@@ -105,8 +105,8 @@ class PlainProgress:
             return
         self.last, elapsed = now, now - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
-        line = f"{self.label}: {done:,}" + (f"/{total:,} ({done / total:.0%})" if total else "") + self.unit
-        line += f", {rate:.1f}/s, elapsed {_clock(elapsed)}"
+        line = f"{self.label}: {done:,}" + (f"/{total:,}" if total else "") + self.unit
+        line += (f" ({done / total:.0%})" if total else "") + f", {rate:.2f}/s, elapsed {_clock(elapsed)}"
         if total and rate and done < total:
             line += f", ETA {_clock((total - done) / rate)}"
         print(line + (f", {info}" if info else ""), file=sys.stderr, flush=True)
