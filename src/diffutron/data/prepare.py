@@ -218,8 +218,6 @@ def _init_worker(tokenizer_name: str, portable, clean: CleanConfig) -> None:
 def _process_chunk(texts: list[str]) -> tuple[list, Counter]:
     """Per document: its rejection reason, or (dedup digest or None, MinHash or None, token ids); and
     the counts of the cleaning rules that modified documents."""
-    from datasketch import LeanMinHash
-
     clean, modified = _worker["clean"], Counter()
     cleaned, results = [], []
     for text in texts:
@@ -233,7 +231,10 @@ def _process_chunk(texts: list[str]) -> tuple[list, Counter]:
     for i, text in enumerate(cleaned):
         if text is not None:
             digest, signature = dedup_keys(text, clean) if dedup else (None, None)
-            signature = LeanMinHash(signature) if signature is not None else None  # pickles small
+            if signature is not None:
+                from datasketch import LeanMinHash
+
+                signature = LeanMinHash(signature)  # pickles small
             results[i] = (digest, signature, next(encoded))
     return results, modified
 
