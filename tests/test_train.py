@@ -89,6 +89,7 @@ def test_loss_decreases(dataset, tmp_path):
             "train.batch_size": 8,
             "train.log_every": 1,
             "train.eval_every": 15,
+            "train.save_every": 100,  # no checkpoints of the full model and optimizer on the way
             "data.eval": "bundled:heldout",
             "data.eval_documents": 8,
             "train.plot": True,
