@@ -69,6 +69,11 @@ def test_the_adapter_of_a_preset_run_loads_with_plain_peft_on_the_right_base(pre
     for logits in _plain_peft_logits(tmp_path / "adapter", ids):
         torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
     assert "base/" in (tmp_path / "adapter" / "README.md").read_text()
+    from transformers import AutoModelForMaskedLM
+
+    kept = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "adapter" / "base")).state_dict()
+    preset = DiffusionLM.from_preset("tiny").model.state_dict()  # the weights the run started from
+    assert kept.keys() == preset.keys() and all(torch.equal(kept[k], v) for k, v in preset.items())
 
 
 def test_a_local_base_is_named_by_its_absolute_path(bundled_128, tmp_path, monkeypatch):
@@ -82,9 +87,20 @@ def test_a_local_base_is_named_by_its_absolute_path(bundled_128, tmp_path, monke
 
 
 def test_lora_on_an_adapter_folder_trains_on_the_merged_model(bundled_128, preset_run, tmp_path):
-    run = _train(bundled_128, tmp_path / "run", str(preset_run / "final"))
+    import shutil
+
+    # what an earlier attempt on another base, killed before its first checkpoint, leaves behind
+    (tmp_path / "run").mkdir()
+    shutil.copytree(preset_run / "base", tmp_path / "run" / "base")
+    shutil.copy(preset_run / "recipe.json", tmp_path / "run" / "recipe.json")
+    run = _train(bundled_128, tmp_path / "run", str(preset_run))  # a run folder: its final/ adapter
     named = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert named == str(run / "base")  # the merged model exists nowhere else: the run keeps it
+    from transformers import AutoModelForMaskedLM
+
+    merged = DiffusionLM.from_pretrained(str(preset_run / "final"), device="cpu").model.merge_and_unload()
+    kept = AutoModelForMaskedLM.from_pretrained(named).state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in merged.state_dict().items())  # the base it trained on
     lm = DiffusionLM.from_pretrained(str(run / "final"), device="cpu")
     ids = _ids(lm)
     with torch.no_grad():

@@ -62,6 +62,11 @@ def resolve_paths(recipe: TrainRecipe) -> TrainRecipe:
     name = recipe.model.name
     if name in MODELS and not Path(name).exists():
         name = str(shipped_model(name))
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+        from diffutron.export import model_folder
+
+        name = str(model_folder(folder))  # a run folder: its final/ model (else its newest checkpoint's)
     return override(
         recipe,
         {
@@ -82,12 +87,19 @@ def base_exists_elsewhere(name: str) -> bool:
     return not (name.startswith(PRESET_PREFIX) or (Path(name) / "adapter_config.json").is_file())
 
 
-def build_model(recipe: TrainRecipe, skeleton: bool = False, base_dir: Path | None = None, write_base: bool = True):
+def build_model(
+    recipe: TrainRecipe,
+    skeleton: bool = False,
+    base_dir: Path | None = None,
+    write_base: bool = True,
+    fresh: bool = True,
+):
     """The model to train, in fp32 (autocast handles bf16); `skeleton`: on the meta device, for counts.
 
     An adapter folder as the model is merged into its base first: LoRA then trains on the merged model
     (or the merged model trains in full). With LoRA on a base that exists nowhere else, the base is
-    kept in `base_dir` (written once, by the process with `write_base`) and the adapter names it.
+    kept in `base_dir` and the adapter names it: written by the process with `write_base`, anew at a
+    `fresh` start (a resume keeps the one its checkpoints were trained on).
     """
     from diffutron.lora import LoraSettings, apply_lora
     from diffutron.model import DiffusionLM
@@ -102,7 +114,7 @@ def build_model(recipe: TrainRecipe, skeleton: bool = False, base_dir: Path | No
     if recipe.lora.enabled:
         base_name = name
         if base_dir is not None and not base_exists_elsewhere(name):
-            if write_base and not base_dir.is_dir():
+            if write_base and (fresh or not base_dir.is_dir()):
                 tmp = base_dir.with_name(f".tmp-{base_dir.name}")
                 lm.save_pretrained(tmp)
                 publish(tmp, base_dir)
@@ -421,6 +433,8 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
                 "out": str(out),
                 "processes": accelerator.num_processes,
             }
+    if resumed is None and (out / "base").exists() and not (out / RECIPE_FILE).is_file():
+        raise DiffutronError(f"{out} holds a base/ folder that no diffutron run wrote: train into another --out")
     if accelerator.is_main_process:
         write_json(out / RECIPE_FILE, to_dict(recipe))
         trim_metrics(metrics_path, resumed["step"] if resumed else -1)
@@ -428,7 +442,7 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)  # LoRA's initial weights, dropout: the same run twice is the same run
-    lm = build_model(recipe, base_dir=out / "base", write_base=accelerator.is_main_process)
+    lm = build_model(recipe, base_dir=out / "base", write_base=accelerator.is_main_process, fresh=resumed is None)
     accelerator.wait_for_everyone()
     summary = _summary(recipe, lm, accelerator, precision)
     with accelerator.main_process_first():  # one process prepares data on the fly, the others read it
