@@ -135,11 +135,15 @@ def test_random_kills_then_resume_equal_the_uninterrupted_run(bundled_128, refer
             if child.is_alive():
                 os.kill(child.pid, signal.SIGKILL)
         child.join(timeout=300)
-        assert child.exitcode in (0, -signal.SIGKILL), (site, step, child.exitcode)
-        tried["killed" if child.exitcode == -signal.SIGKILL else "finished before the kill"] += 1
-        summary = train(recipe)
-        assert summary["step"] == 6, (site, step, summary)
-        _assert_same_run(out, reference)
+        exitcode = child.exitcode
+        child.close()
+        assert exitcode in (0, -signal.SIGKILL), (site, step, exitcode)
+        tried["killed" if exitcode == -signal.SIGKILL else "finished before the kill"] += 1
+        try:
+            assert train(recipe)["step"] == 6
+            _assert_same_run(out, reference)
+        except AssertionError as failure:
+            raise AssertionError(f"case {i}, killed at {site}:{step}: {failure}") from failure
         tried["handled"] += 1
     print(f"\nfault injection: {ITERATIONS} cases (seed {SEED}): {tried}")
     assert tried["handled"] == ITERATIONS

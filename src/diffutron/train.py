@@ -414,6 +414,7 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
     def start() -> None:
         out.mkdir(parents=True, exist_ok=True)
         recover(out)
+        prune(out, recipe.train.keep_last)  # a kill may have come between a save and its pruning
 
     _on_main_process(accelerator, start)
     accelerator.wait_for_everyone()
