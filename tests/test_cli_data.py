@@ -54,9 +54,9 @@ def test_a_truncated_gzip_is_named_not_aborted(capsys, tmp_path):
 
 
 def test_progress_lines_on_stderr_when_it_is_not_a_terminal(capsys, tmp_path, monkeypatch):
-    import diffutron.cli.data as cli_data
+    import diffutron.cli.common as common
 
-    monkeypatch.setattr(cli_data, "PROGRESS_SECONDS", 0.05, raising=False)
+    monkeypatch.setattr(common, "PROGRESS_INTERVAL_S", 0.05)
     code, _, err = run(
         capsys,
         "data",
@@ -71,4 +71,4 @@ def test_progress_lines_on_stderr_when_it_is_not_a_terminal(capsys, tmp_path, mo
     )
     progress = [line for line in err.splitlines() if line.startswith("preparing: ")]
     assert code == 0 and len(progress) >= 2
-    assert all(" documents (" in line and " sequences, " in line for line in progress)
+    assert all(" documents, " in line and " sequences, " in line and "elapsed" in line for line in progress)

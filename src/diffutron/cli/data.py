@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,8 +10,10 @@ import typer
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from diffutron.cli import common
 from diffutron.cli.common import (
     JsonOpt,
+    PlainProgress,
     RateColumn,
     SourceOpt,
     app,
@@ -26,7 +26,6 @@ from diffutron.errors import DiffutronError
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and inspect training corpora.")
 app.add_typer(data_app, name="data")
 TextFieldOpt = typer.Option(None, "--text-field", help="the text field of .jsonl / .parquet / .csv / hf records")
-PROGRESS_SECONDS = 5.0  # between two progress lines when stderr is not a terminal (a log file, CI)
 
 
 @data_app.command("prepare")
@@ -90,7 +89,7 @@ def data_stats(folder: str = typer.Argument(..., help="a folder written by data 
 
 @contextmanager
 def _prepare_progress():
-    """update(counts): a live line on a terminal; elsewhere a line on stderr every PROGRESS_SECONDS."""
+    """update(counts): a live line on a terminal; elsewhere a line on stderr every PROGRESS_INTERVAL_S."""
     if err.is_terminal:
         with Progress(
             TextColumn("preparing"),
@@ -105,17 +104,11 @@ def _prepare_progress():
             yield lambda counts: bar.update(task, completed=counts["documents"], **counts)
         return
     counts = {"documents": 0, "sequences": 0, "tokens": 0}
-    started, stop = time.monotonic(), threading.Event()
+    line, stop = PlainProgress("preparing", "documents"), threading.Event()
 
     def report() -> None:  # a thread: a line even while one long document is being tokenized
-        while not stop.wait(PROGRESS_SECONDS):
-            seconds = time.monotonic() - started
-            print(
-                f"preparing: {counts['documents']:,} documents ({counts['documents'] / seconds:,.0f}/s), "
-                f"{counts['sequences']:,} sequences, {counts['tokens']:,} tokens, {seconds:,.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+        while not stop.wait(common.PROGRESS_INTERVAL_S):
+            line(counts["documents"], info=f"{counts['sequences']:,} sequences, {counts['tokens']:,} tokens")
 
     thread = threading.Thread(target=report, daemon=True)
     thread.start()
