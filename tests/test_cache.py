@@ -177,7 +177,7 @@ def test_infill_refreshing_at_every_step_is_exact(lm):
         # 8 tokens, blocks of 4, one token per step: a full forward (None) at each block start
         ("dual", None, [None, 4, 4, 4, None, 4, 4, 4]),
         ("dual", 2, [None, 4, None, 4, None, 4, None, 4]),
-        ("prefix", None, [None, 9, 9, 9, None, 5, 5, 5]),  # the block, the rest of the masks and [SEP]
+        ("prefix", None, [None, 8, 8, 8, None, 4, 4, 4]),  # the block and the rest of the masks (open frame)
     ],
 )
 def test_a_cached_step_recomputes_only_its_columns(lm, monkeypatch, cache, every, expected):

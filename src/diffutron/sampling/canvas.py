@@ -16,6 +16,7 @@ import torch
 
 from diffutron.errors import UsageError
 from diffutron.fill_mask import encode_with_masks
+from diffutron.sampling.config import SamplingConfig
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Canvas:
 
 
 def generation_canvas(
-    lm, prompts: list[str], max_new_tokens: int, truncate_prompt: bool = False, frame: str = "closed"
+    lm, prompts: list[str], max_new_tokens: int, truncate_prompt: bool = False, frame: str = SamplingConfig.frame
 ) -> Canvas:
     prefix, suffix = lm.special_affixes
     suffix = suffix if frame == "closed" else []
