@@ -37,7 +37,7 @@ SKIP = {  # a piece of the line -> why it does not run here
     "accelerate launch": "many GPUs; the two-process CPU run is in tests/test_train.py",
     "cetvel/": "a CETVEL checkout and its datasets (network)",
     "python -m diffutron.harness": "lm-eval's own CLI with placeholders; tests/test_harness.py runs it",
-    "diffutron serve": "the command blocks: tests/test_serve.py starts and stops it (the examples below run on a server of their own)",
+    "diffutron serve": "it blocks: tests/test_serve.py starts and stops it (the client examples get a server here)",
     "MODEL ": "a placeholder for the reader's model",
 }
 README_SERVER = "http://127.0.0.1:8000"
