@@ -75,6 +75,18 @@ def test_infill_json_keeps_the_given_text(capsys):
     assert run(capsys, "infill", "Ankara <mask*2> başkentidir.")[1] == result["text"] + "\n"
 
 
+def test_cached_decoding_from_the_command_line(capsys):
+    """--cache with --refresh-every 1 is the exact sampler; with a block-long refresh it is its own run."""
+    argv = ["generate", "Türkiye'nin başkenti", "-n", "16", "--block-length", "8", "--ban-eos", "--json"]
+    exact = last_json(run(capsys, *argv)[1])["results"][0]
+    refreshed = last_json(run(capsys, *argv, "--cache", "dual", "--refresh-every", "1")[1])["results"][0]
+    cached = run(capsys, *argv, "--cache", "prefix")
+    assert refreshed["tokens"] == exact["tokens"]
+    assert cached[0] == 0 and len(last_json(cached[1])["results"][0]["tokens"]) == 16
+    code, out, _ = run(capsys, "infill", "Ankara <mask*3> başkentidir.", "--cache", "dual", "--refresh-every", "1")
+    assert code == 0 and out == run(capsys, "infill", "Ankara <mask*3> başkentidir.")[1]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -92,6 +104,8 @@ def test_infill_json_keeps_the_given_text(capsys):
         (["generate"], "give a PROMPT"),
         (["generate", "m", "p", "-p", "q"], "generate takes [MODEL] PROMPT"),
         (["generate", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read --prompts-file"),
+        (["generate", "x", "--cache", "full"], "unknown cache 'full'"),
+        (["generate", "x", "--refresh-every", "0"], "--refresh-every"),
         (["infill", "maskesiz"], "no <mask>"),
         (["infill", "a <mask>", "--temperature", "nan"], "temperature must be a finite number"),
     ],

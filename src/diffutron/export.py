@@ -25,15 +25,13 @@ MARKER = "diffutron-export.json"
 
 
 def model_folder(source: str | Path) -> Path:
-    """The model folder inside a run (final/, else its newest checkpoint) or a checkpoint."""
-    source = Path(source)
-    for candidate in (source / "final", source / "model", source):
-        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
-            return candidate
-    checkpoints = sorted(source.glob("checkpoint-*/model"), key=lambda p: int(p.parent.name.split("-")[-1]))
-    if checkpoints:
-        return checkpoints[-1]
-    raise DiffutronError(f"{source} holds no model: expected a run folder, a checkpoint or a model folder")
+    """The model folder inside a run (final/, else its newest checkpoint) or a checkpoint; refused if none."""
+    from diffutron.model import model_folder as find_model_folder
+
+    folder = find_model_folder(source)
+    if folder is None:
+        raise DiffutronError(f"{source} holds no model: expected a run folder, a checkpoint or a model folder")
+    return folder
 
 
 def _run_of(folder: Path) -> Path:
