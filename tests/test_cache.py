@@ -214,6 +214,33 @@ def test_rows_leave_the_batch_with_their_cache(lm, cfg_scale):
     assert widths[3] < widths[2]  # the short row left after its 4th step, and its columns went with it
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(cache="dual"), dict(cache="prefix", refresh_every=3), dict(cache="dual", cfg_scale=1.5, temperature=1.0)],
+)
+def test_a_row_joining_a_cached_batch_changes_no_row(lm, options):
+    """Each row refreshes its cache on its own rhythm (its block starts, its refresh_every), so a row that
+    joins mid-block gets what it gets alone and the rows already there go on as they do alone."""
+    config = SamplingConfig(block_length=4, stop_at_eos=False, seed=5, **options)
+    early = SamplingConfig(**{**config.__dict__, "seed": 9})
+    alone = {
+        "late": generate(lm, [PROMPTS[2]], max_new_tokens=8, config=config).token_ids[0],
+        "a": generate(lm, [PROMPTS[0]], max_new_tokens=12, config=early).token_ids[0],
+        "b": generate(
+            lm, [PROMPTS[1]], max_new_tokens=12, config=SamplingConfig(**{**early.__dict__, "seed": 10})
+        ).token_ids[0],
+    }
+    denoiser = Denoiser(lm, config)
+    denoiser.add(generation_canvas(lm, PROMPTS[:2], 12), early, keys=["a", "b"])
+    together = {}
+    for _ in range(2):  # the early rows are mid-block when the late one joins
+        together.update((f.key, f.token_ids) for f in denoiser.step().finished if f)
+    denoiser.add(generation_canvas(lm, [PROMPTS[2]], 8), config, keys=["late"])
+    while len(denoiser):
+        together.update((f.key, f.token_ids) for f in denoiser.step().finished if f)
+    assert together == alone
+
+
 def test_cache_needs_a_supported_architecture(lm, monkeypatch):
     monkeypatch.setattr(lm.hf_model.config, "model_type", "distilbert")
     with pytest.raises(UsageError, match="cache 'dual' needs"):

@@ -27,6 +27,8 @@ computed, cheap, and read at the chosen positions).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -73,11 +75,32 @@ class EncoderCache:
         """The full forward: last hidden states [B, L, H] of every position; the cache rebuilt from it."""
         return self.forward(ids, attention, None)
 
-    def select(self, rows: torch.Tensor, width: int) -> None:
-        """Keep the cache rows `rows` (indices) and the first `width` columns (what a batch keeps when rows
-        leave: the dropped columns were padding for every row kept)."""
-        self.keys = [k[rows, :, :width] for k in self.keys]
-        self.values = [v[rows, :, :width] for v in self.values]
+    def remap(self, rows: torch.Tensor, width: int) -> None:
+        """Row j becomes the old row `rows[j]`, or a row of zeros where `rows[j] < 0` (a row that joins: to be
+        refreshed before it is read), over `width` columns: cut (padding of every row kept) or padded with
+        zeros (columns that are padding for the old rows, masked as keys)."""
+        have = rows >= 0
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            if bool(have.all()) and width <= t.shape[2]:
+                return t[rows, :, :width]
+            out = t.new_zeros((len(rows), t.shape[1], width, t.shape[3]))
+            kept = min(width, t.shape[2])
+            out[have, :, :kept] = t[rows[have], :, :kept]
+            return out
+
+        self.keys, self.values = [one(k) for k in self.keys], [one(v) for v in self.values]
+
+    def part(self, rows: torch.Tensor) -> EncoderCache:
+        """A cache of the rows `rows` alone (copies): refreshed or stepped on its own, then `put` back."""
+        part = copy.copy(self)
+        part.keys, part.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        return part
+
+    def put(self, rows: torch.Tensor, part: EncoderCache) -> None:
+        """Write a part's keys/values back into the rows `rows`."""
+        for mine, theirs in zip(self.keys + self.values, part.keys + part.values, strict=True):
+            mine[rows] = theirs
 
     def forward(self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Hidden states [B, Q, H] at `positions` [B, Q] (column indices, any order), the cache's keys/values

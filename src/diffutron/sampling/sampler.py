@@ -128,7 +128,6 @@ class Denoiser:
                     f"{lm.hf_model.config.model_type!r}; use cache 'none'"
                 )
             self.cache = EncoderCache(lm)
-        self.cached_steps = 0  # steps since the cache's last full forward
 
     def decode(self, ids: list[int]) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
@@ -173,6 +172,7 @@ class Denoiser:
             "step": zeros,
             "block_masks": zeros,
             "row_steps": zeros,
+            "since_refresh": zeros,  # cached steps since the row's last full forward
             "settled": zeros,
             "seed": (config.seed + torch.arange(n, dtype=torch.long)) % (MAX_SEED + 1),
             "stop_at_eos": torch.full((n,), config.stop_at_eos),
@@ -188,9 +188,11 @@ class Denoiser:
             }
         else:
             self.rows = new
+        if self.cache is not None and not self.cache.empty:  # the new rows' cache rows wait for their refresh
+            old = len(self.keys)
+            joined = torch.cat([torch.arange(old), torch.full((n,), -1)]).to(self.device)
+            self.cache.remap(self._cache_rows(joined, old), self.rows["ids"].shape[1])
         self.keys += keys
-        if self.cache is not None:
-            self.cache.clear()  # the next step refreshes it with the new rows
         track = track_text or bool(config.stop)
         self.texts += [SettledText(self.decode, tuple(config.stop)) if track else None for _ in range(n)]
         return keys
@@ -264,14 +266,15 @@ class Denoiser:
             self._keep(torch.tensor([f is None for f in finished], dtype=torch.bool))
         return batch
 
-    def _logits(self, x, attention, candidates, prompt, since, until, refresh: bool) -> torch.Tensor:
+    def _logits(self, x, attention, candidates, prompt, since, until, refresh) -> torch.Tensor:
         """Logits at the candidates; with guidance, un + (w + 1)(cond - un), the prompt masked for `un`.
-        With a cache: a full forward if `refresh`, else the columns [since, until) of each row only."""
+        With a cache: a full forward of the rows where `refresh` [B], the columns [since, until) of the others."""
         guidance = self.config.cfg_scale > 0
         if guidance:  # both branches in one batch (and one cache): conditional rows, then unconditional ones
             x = torch.cat([x, x.masked_fill(prompt, self.lm.mask_id)])
             attention, candidates = torch.cat([attention, attention]), torch.cat([candidates, candidates])
             since, until = torch.cat([since, since]), torch.cat([until, until])
+            refresh = torch.cat([refresh, refresh]) if refresh is not None else None
         if self.cache is None:
             logits = self.lm(x, attention, positions=candidates)
         else:
@@ -281,21 +284,51 @@ class Denoiser:
         cond, uncond = logits.chunk(2)
         return guided(cond, uncond, self.config.cfg_scale)
 
-    def _refresh_due(self, entering: torch.Tensor) -> bool:
+    def _refresh_due(self, entering: torch.Tensor) -> torch.Tensor | None:
+        """Per row: a full forward this step? At a block start (a joining row is at its first block's
+        start), after `refresh_every` steps of its own, and for every row while the cache is empty. Each
+        row keeps its own rhythm, so a row's tokens do not depend on when others joined."""
         if self.cache is None:
-            return False
-        every = self.config.refresh_every
-        due = self.cache.empty or bool(entering.any()) or (every is not None and self.cached_steps + 1 >= every)
-        self.cached_steps = 0 if due else self.cached_steps + 1
+            return None
+        r, every = self.rows, self.config.refresh_every
+        due = torch.full_like(entering, self.cache.empty) | entering
+        if every is not None:
+            due = due | (r["since_refresh"] + 1 >= every)
+        r["since_refresh"] = torch.where(due, 0, r["since_refresh"] + 1)
         return due
 
-    def _cached_hidden(self, x, attention, candidates, since, until, refresh: bool) -> torch.Tensor:
-        """Hidden states at the candidates: a full forward that refreshes the cache, or the cached forward
-        of the columns [since, until) of each row (they hold its candidates)."""
-        if refresh:
+    def _cache_rows(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+        """The cache rows of batch rows `rows` (of `count`): one per guidance branch (conditional rows,
+        then unconditional ones); negative entries stay negative."""
+        if self.config.cfg_scale <= 0:
+            return rows
+        return torch.cat([rows, torch.where(rows >= 0, rows + count, rows)])
+
+    def _cached_hidden(self, x, attention, candidates, since, until, refresh: torch.Tensor) -> torch.Tensor:
+        """Hidden states at the candidates: for the rows where `refresh`, a full forward that rebuilds their
+        cache rows; for the others, the cached forward of the columns [since, until) (they hold the row's
+        candidates)."""
+        if bool(refresh.all()):
             return self.cache.refresh(x, attention)[candidates]
+        if not bool(refresh.any()):
+            return self._cached_span(self.cache, x, attention, candidates, since, until)
+        hidden, row_of = None, candidates.nonzero()[:, 0]
+        for fresh in (True, False):
+            rows = (refresh == fresh).nonzero().flatten()
+            part = self.cache.part(rows)
+            if fresh:
+                got = part.refresh(x[rows], attention[rows])[candidates[rows]]
+            else:
+                got = self._cached_span(part, x[rows], attention[rows], candidates[rows], since[rows], until[rows])
+            self.cache.put(rows, part)
+            hidden = got.new_empty((len(row_of), got.shape[-1])) if hidden is None else hidden
+            hidden[refresh[row_of] == fresh] = got  # each part keeps the row-major order of the candidates
+        return hidden
+
+    @staticmethod
+    def _cached_span(cache: EncoderCache, x, attention, candidates, since, until) -> torch.Tensor:
         positions, valid = spans(since, until)
-        hidden = self.cache.forward(x, attention, positions)
+        hidden = cache.forward(x, attention, positions)
         return hidden[candidates.gather(1, positions) & valid]
 
     # -- rows leaving -------------------------------------------------------------------------
@@ -351,9 +384,7 @@ class Denoiser:
             for k in ("ids", "attention", "fillable", "prompt"):
                 self.rows[k] = self.rows[k][:, :width]
             if self.cache is not None and not self.cache.empty:
-                index = keep.nonzero().flatten()
-                branches = 2 if self.config.cfg_scale > 0 else 1  # the cache's rows: one set per branch
-                self.cache.select(torch.cat([index + b * len(keep) for b in range(branches)]), width)
+                self.cache.remap(self._cache_rows(keep.nonzero().flatten(), len(keep)), width)
         elif self.cache is not None:
             self.cache.clear()
 
