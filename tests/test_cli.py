@@ -1,20 +1,8 @@
-import json
 import subprocess
 import sys
 
 import pytest
-
-from diffutron.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
+from cli_run import last_json, run
 
 
 def test_info_reports_the_reference_lora_share(capsys):

@@ -3,14 +3,9 @@
 import gzip
 import json
 
-from diffutron.cli import main
+from cli_run import run
+
 from diffutron.data import bundled_documents
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _documents(n):

@@ -1,20 +1,7 @@
 """The `generate` and `infill` verbs: settings, output on a pipe, several prompts, errors."""
 
-import json
-
 import pytest
-
-from diffutron.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
+from cli_run import last_json, run
 
 
 def test_generate_json(capsys):
