@@ -1,6 +1,7 @@
 """Load on `diffutron serve`: N concurrent streaming clients vs the same requests one at a time.
 
     python benchmarks/serve_load.py [--json] [--model tiny-diffutron] [--clients 8] [--max-tokens 64]
+        [--block-length N] [--cache none|prefix|dual] [--library]
 
 Starts `diffutron serve MODEL --port 0` (loopback only) in its own process and sends it N streaming
 completions with different held-out prompts (greedy, the server's defaults): first one after the
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks [default: none]")
+    parser.add_argument("--cache", default=None, help="none, prefix or dual [default: the server's]")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server [default: torch's]")
     parser.add_argument("--library", action="store_true", help="also the library's own batching ratio (the ceiling)")
@@ -171,7 +173,8 @@ def main() -> None:
         raise SystemExit(f"--clients must be in [1, {MAX_CLIENTS}]")
     deadline = time.monotonic() + args.time_limit
 
-    settings = {"block_length": args.block_length} if args.block_length else {}
+    settings = {"block_length": args.block_length, "cache": args.cache}
+    settings = {k: v for k, v in settings.items() if v is not None}
     texts = prompts(args.clients)
     bodies = [
         {
@@ -214,6 +217,7 @@ def main() -> None:
         "clients": args.clients,
         "max_tokens": args.max_tokens,
         "block_length": args.block_length,
+        "cache": args.cache,
         "rounds": args.rounds,
         "completion_tokens": tokens,
         "sequential_tokens_per_s": tokens / alone_s,
