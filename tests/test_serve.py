@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -225,7 +226,7 @@ CONCURRENT = [  # different prompts, lengths and settings (three batch groups), 
     {"prompt": "İstanbul", "max_tokens": 12, "policy": "margin"},
     {"prompt": "Cumhuriyet", "max_tokens": 8, "temperature": 0.8, "seed": 3},
     {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.8, "seed": 4, "stream": True},
-    {"prompt": "Ankara", "max_tokens": 16, "block_length": 8, "cache": "prefix"},  # its own batch (engine.py)
+    {"prompt": "Ankara", "max_tokens": 16, "block_length": 8, "cache": "prefix"},
 ]
 
 
@@ -262,18 +263,19 @@ def test_concurrent_requests_share_steps_and_equal_sequential(client, base):
     assert after["active_rows"] == 0 and after["queued"] == 0
 
 
-def test_cached_requests_keep_their_own_batch(client, base):
-    """The approximate cache refreshes every row of a batch when rows join, so a row's text would depend on
-    its company: a cached request gets a batch of its own, and its text is the same alone or beside another."""
+def test_cached_requests_share_a_batch_and_equal_alone(client, base):
+    """Each row refreshes the approximate cache on its own rhythm, so a cached request joining a running
+    cached batch mid-block shares its passes and both texts are what each gets alone."""
     cached = {"prompt": "Ankara", "max_tokens": 16, "block_length": 8, "cache": "prefix"}
     alone = client.post("/v1/completions", json=cached).json()["choices"][0]["text"]
     running = {"prompt": PROMPT, "max_tokens": 48, "block_length": 8, "cache": "prefix", "stream_canvas": True}
+    running_alone = streamed_text(stream(client, "/v1/completions", running))[0]
     with (
         httpx.Client(base_url=base, timeout=120) as other,
         other.stream("POST", "/v1/completions", json={**running, "stream": True}) as first,
     ):
-        lines = first.iter_lines()
-        while not next(lines).startswith("data:"):  # the first cached request is running
+        lines, seen = first.iter_lines(), []
+        while not (seen := [*seen, next(lines)])[-1].startswith("data:"):  # the first cached request is running
             pass
         beside: dict = {}
         joining = threading.Thread(target=lambda: beside.update(client.post("/v1/completions", json=cached).json()))
@@ -283,9 +285,10 @@ def test_cached_requests_keep_their_own_batch(client, base):
             if health["active_requests"] == 2 or not joining.is_alive():
                 break
             time.sleep(0.01)
-        assert health["active_requests"] == 2 and health["groups"] == 2
+        assert health["active_requests"] == 2 and health["groups"] == 1
         joining.join(120)
-    assert beside["choices"][0]["text"] == alone
+        streamed = streamed_text(events_of(SimpleNamespace(iter_lines=lambda: iter(seen + list(lines)))))
+    assert beside["choices"][0]["text"] == alone and streamed[0] == running_alone
 
 
 def test_client_disconnect_releases_rows(client, base):

@@ -293,11 +293,7 @@ class Engine:
             with self._lock:
                 self._queued -= 1
             canvas, config = job.prepared.canvas, job.prepared.config
-            key = (job.mode, config.batch_key())
-            if config.cache != "none":
-                # the approximate cache refreshes every row when rows join, so a row's text would depend on
-                # its company: a cached request keeps a batch of its own (its rows still share passes)
-                key += (job.id,)
+            key = (job.mode, config.batch_key())  # cached rows too: each refreshes on its own rhythm
             denoiser = self._groups.get(key) or Denoiser(self.lm, config, job.mode)
             try:
                 denoiser.add(canvas, config, keys=[(job.id, i) for i in range(job.rows)], track_text=job.stream)
