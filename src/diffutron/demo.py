@@ -139,7 +139,7 @@ def _report(r: dict) -> str:
         f"({trained}). The whole held-out split of the bundled corpus, one mask draw, the same for both rows "
         "(the curve in `curves.png` is measured on the same set):",
         "",
-        "| model | PPL @ 15% masked | ELBO bound | fill-mask top-1 |",
+        "| model | PPL @ 15% masked | ELBO bound on the generative PPL (not PPL@15%) | fill-mask top-1 |",
         "|---|---|---|---|",
         f"| tiny base (MLM) | {r['ppl_before']:.2f} | {r['elbo_ppl_before']:.2f} | {r['top1_before']:.1%} |",
         f"| after CPT | {r['ppl_after']:.2f} | {r['elbo_ppl_after']:.2f} | {r['top1_after']:.1%} |",

@@ -58,7 +58,8 @@ def run_card(recipe, state: dict, metrics: Path, kept_base: str | None = None, p
         rows.append(
             (
                 "held-out PPL @ 15% masked",
-                f"{eval_row['eval_ppl']:.2f} (ELBO bound {eval_row['eval_elbo_ppl']:.2f}; step {eval_row['step']}, "
+                f"{eval_row['eval_ppl']:.2f} (ELBO bound on the generative perplexity "
+                f"{eval_row['eval_elbo_ppl']:.2f}; step {eval_row['step']}, "
                 f"first {r.data.eval_documents} documents of `{r.data.eval}`)",
             )
         )

@@ -41,7 +41,13 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path | None:
         steps = [e["step"] for e in evals]
         ax.plot(steps, [e["eval_ppl"] for e in evals], marker="o", label="PPL @ 15% masked")
         if all(e.get("eval_elbo_ppl") is not None for e in evals):
-            ax.plot(steps, [e["eval_elbo_ppl"] for e in evals], marker="s", linestyle="--", label="ELBO bound")
+            ax.plot(
+                steps,
+                [e["eval_elbo_ppl"] for e in evals],
+                marker="s",
+                linestyle="--",
+                label="ELBO bound on the generative PPL",
+            )
         tokens = evals[-1].get("eval_tokens")
         title = "held-out perplexity" + (f" ({tokens:,} tokens)" if tokens else "")
         ax.set(title=title, xlabel="step", ylabel="perplexity", yscale="log")

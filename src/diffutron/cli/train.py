@@ -155,8 +155,8 @@ def demo(
             highlight=False,
             soft_wrap=True,
         )
-    table = Table(title="held-out PPL @ 15% masked (bundled heldout split)")
-    for column in ("model", "PPL", "ELBO bound", "top-1"):
+    table = Table(title="bundled heldout split", caption="ELBO bound: on the generative perplexity, not PPL@15%")
+    for column in ("model", "PPL @ 15% masked", "ELBO bound", "fill-mask top-1"):
         table.add_column(column)
     table.add_row(
         "tiny base (MLM)",
