@@ -7,6 +7,7 @@ reports its own compute time: `generate` (the shipped tiny model, 64 tokens, the
 and `eval` (PPL@15% on 16 held-out documents, its seconds). Settings, by environment:
   torch default   OMP_NUM_THREADS = all CPUs, OpenMP's default wait policy (spin, then sleep): before
   passive wait    the same threads, OMP_WAIT_POLICY=PASSIVE (waiting threads sleep at once)
+  short spin      the same threads, GOMP_SPINCOUNT=1000 (spin briefly, then sleep)
   one thread      OMP_NUM_THREADS=1
   diffutron       nothing set: diffutron chooses (src/diffutron/threads.py)
 Scenarios: quiet, and with `--busy` processes spinning on the CPU (what another user's job does).
@@ -28,6 +29,7 @@ from pathlib import Path
 SETTINGS = {
     "torch default": {"OMP_NUM_THREADS": str(os.cpu_count())},
     "passive wait": {"OMP_NUM_THREADS": str(os.cpu_count()), "OMP_WAIT_POLICY": "PASSIVE"},
+    "short spin": {"OMP_NUM_THREADS": str(os.cpu_count()), "GOMP_SPINCOUNT": "1000"},
     "one thread": {"OMP_NUM_THREADS": "1"},
     "diffutron": {},
 }
@@ -42,7 +44,8 @@ def workloads(data: str) -> dict[str, list[str]]:
 
 
 def seconds(command: list[str], env: dict) -> float:
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    settings = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    clean = {k: v for k, v in os.environ.items() if k not in settings}
     done = subprocess.run(command, env={**clean, **env}, capture_output=True, text=True, check=True)
     return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
 

@@ -1,4 +1,4 @@
-"""Thread defaults: the idle CPUs, a sleeping wait policy, and the user's own setting respected."""
+"""Thread defaults: the idle CPUs, a short spin before waiting threads sleep, and the user's own settings respected."""
 
 import os
 import subprocess
@@ -12,6 +12,18 @@ def test_threads_follow_the_idle_cpus(monkeypatch):
     for idle, expected in [(7.6, 8), (2.4, 2), (0.2, 1), (None, 8)]:
         monkeypatch.setattr(threads, "idle_cpus", lambda idle=idle: idle)
         assert threads.choose_threads() == expected
+
+
+def test_configure_spins_briefly_and_keeps_the_users_settings(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.setenv(name, "x")  # recorded, so that the test leaves the environment as it found it
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KMP_BLOCKTIME", "5")
+    monkeypatch.setattr(threads, "choose_threads", lambda: 2)
+    assert threads.configure() == 2
+    assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ["GOMP_SPINCOUNT"] == "1000"
+    assert os.environ["KMP_BLOCKTIME"] == "5" and "OMP_WAIT_POLICY" not in os.environ
+    assert threads.configure() is None  # OMP_NUM_THREADS is set now: it stands
 
 
 def test_idle_cpus_reads_proc_stat():
