@@ -71,13 +71,17 @@ def a_batch(lm, new_tokens=12):
     return canvas.ids, after, canvas.attention_mask, canvas.gen_start
 
 
+def span_after_written(span: str, attention, start):
+    """The columns a cached step recomputes after the 4 written tokens: the next 4 (dual) or all after them."""
+    since = start + 4
+    return spans(since, since + 4 if span == "block" else attention.sum(dim=1))
+
+
 @pytest.mark.parametrize("span", ["block", "block and after"])
 def test_cached_forward_is_exact_on_the_same_canvas(arch_lm, span):
     lm = arch_lm
     ids, _, attention, start = a_batch(lm)
-    since = start + 4
-    until = since + 4 if span == "block" else attention.sum(dim=1)
-    positions, valid = spans(since, until)
+    positions, valid = span_after_written(span, attention, start)
     cache = EncoderCache(lm)
     with torch.no_grad():
         cache.refresh(ids, attention)
@@ -104,9 +108,7 @@ def test_cached_forward_after_a_change_reads_the_cached_keys_and_values(arch_lm,
     """The cache holds the canvas before 4 tokens were written; the block after them is recomputed."""
     lm = arch_lm
     before, after, attention, start = a_batch(lm)
-    since = start + 4
-    until = since + 4 if span == "block" else attention.sum(dim=1)
-    positions, valid = spans(since, until)
+    positions, valid = span_after_written(span, attention, start)
     cache = EncoderCache(lm)
     with torch.no_grad():
         cache.refresh(before, attention)

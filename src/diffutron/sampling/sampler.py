@@ -18,9 +18,10 @@ not depend on the rows beside it: a `Denoiser` can take new rows between steps (
 requests step by step) and a request gives the same text alone or in company.
 
 With `cache` "prefix" or "dual" (cache.py, Fast-dLLM's approximate KV cache) a step recomputes only
-each row's block (dual) or its block and everything after it (prefix) against the keys/values of the
-last full forward; a full forward refreshes the cache whenever a row enters a new block, rows join,
-and every `refresh_every` steps. Rows leaving take their cache rows with them.
+each row's block (dual) or its block and everything after it (prefix) against the keys/values of its
+last full forward. Each row is refreshed by a full forward of its own when it enters a block (a row
+that joins starts its first) and every `refresh_every` of its steps, so cached rows, too, get the
+same tokens alone or in company. Rows leaving take their cache rows with them.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ class Denoiser:
         hidden, row_of = None, candidates.nonzero()[:, 0]
         for fresh in (True, False):
             rows = (refresh == fresh).nonzero().flatten()
-            part = self.cache.part(rows)
+            part = EncoderCache(self.lm) if fresh else self.cache.part(rows)
             if fresh:
                 got = part.refresh(x[rows], attention[rows])[candidates[rows]]
             else:
