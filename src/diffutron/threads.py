@@ -7,8 +7,8 @@ the CPU the other process needs (benchmarks/threads.py measures it). diffutron t
 CPUs that are idle when it starts (measured over a short window, at least one) and lets waiting
 threads spin only briefly before they sleep -- unless the user set OMP_NUM_THREADS or asked for a
 number with `--threads`. Measured on 2 cores: sleeping at once (OMP_WAIT_POLICY=PASSIVE) made a quiet
-`generate` 1.26x slower than torch's default, a short spin 1.07x, and both kept a busy machine near
-half of the default's time; a longer spin (10,000) is as slow as the default there.
+`generate` about 1.2x slower than torch's default, a short spin about 1.1x, and both kept a busy
+machine at well under half of the default's time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
