@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,11 @@ def test_sft_recipe_runs(tmp_path):
         check=True,
     )
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 4
+    # a quiet run: progress lines only, no library noise (tied weights, peft warnings, source-file tags)
+    noise = [line for line in done.stderr.splitlines() if re.search(r"Warning|Removed shared|\w+\.py:\d+", line)]
+    assert not noise, noise
+    card = (tmp_path / "sft" / "final" / "README.md").read_text()
+    assert "More Information Needed" not in card and "final training loss" in card
 
 
 def test_non_finite_losses_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
