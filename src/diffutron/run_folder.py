@@ -62,11 +62,15 @@ class RunLock:
             self.file = None
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a reader (or a kill) sees the old file or the new one, never half of one."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: a reader (or a kill) sees the old file or the new one, never half of one."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def step_of(path: Path) -> int | None:
@@ -139,9 +143,7 @@ def trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _row_step(line) <= step]
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(partial, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _row_step(line: str) -> float:
