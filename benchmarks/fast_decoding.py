@@ -176,7 +176,15 @@ def main() -> None:
 
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    out = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "settings": vars(args)}
+    from diffutron.packed_linear import enabled
+
+    out = {
+        "device": str(device),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "packed_head": enabled() and device.type == "cpu",  # packed_linear.py; DIFFUTRON_PACKED_HEAD=0: F.linear
+        "settings": vars(args),
+    }
     if not args.skip_speed:
         table = speed(args, device, dtype)
         out["speed"] = table

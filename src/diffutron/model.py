@@ -24,6 +24,7 @@ from transformers.activations import gelu
 
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.linear_ce import linear_cross_entropy
+from diffutron.packed_linear import PackedLinear
 
 PRESET_PREFIX = "preset:"
 SHIPPED_PREFIX = "diffutron/"  # diffutron/tiny-diffutron: the shipped model, as a hub-style id
@@ -79,6 +80,7 @@ class DiffusionLM(nn.Module):
         limits = [positions, tokenizer.model_max_length]
         self.context_length: int = min(int(n) for n in limits if n and n < 1_000_000)
         self._head = HEADS.get(config.model_type)
+        self._decoder = PackedLinear()  # the decoder at inference on a CPU (packed_linear.py)
         if self._head is None:
             warnings.warn(
                 f"diffutron has no sparse head for model type {config.model_type!r}: computing full "
@@ -169,7 +171,7 @@ class DiffusionLM(nn.Module):
         if self._head is None:
             raise NotImplementedError("no sparse head for this architecture")
         transform, decoder = self._head
-        return decoder(self.hf_model)(transform(self.hf_model, hidden))
+        return self._decoder(decoder(self.hf_model), transform(self.hf_model, hidden))
 
     def forward(
         self,
