@@ -1,6 +1,6 @@
 """Where a decoding step's time goes: the exact sampler vs the dual cache, batch 1, mmBERT-base shape.
 
-    python benchmarks/decode_step_profile.py [--json] [--steps 12]
+    python benchmarks/decode_step_profile.py [--json] [--steps 12] [--preset mmbert-base]
 
 The setting of benchmarks/fast_decoding.py (prompt 64 tokens, 256 new, blocks of 32, one token per
 step, greedy confidence): after 3 warm-up steps, `--steps` steps of each mode under torch's profiler.
@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--preset", default="mmbert-base")
     args = parser.parse_args()
 
     from generate import prompts_of_length
@@ -35,7 +36,7 @@ def main() -> None:
     from diffutron.model import DiffusionLM
     from diffutron.sampling import Denoiser, SamplingConfig, generation_canvas
 
-    lm = DiffusionLM.from_pretrained("preset:mmbert-base", device="cpu", seed=0)
+    lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device="cpu", seed=0)
     prompts = prompts_of_length(lm, 1, 64)
     report = {}
     for mode in ("none", "dual"):

@@ -1,6 +1,7 @@
 """Fast decoding: the exact sampler vs the prefix and dual key/value caches, and parallel decoding.
 
     python benchmarks/fast_decoding.py [--json] [--device cpu|cuda] [--dtype fp32|bf16] [--batches 1,4]
+        [--preset mmbert-base]
         [--steps 256] [--rounds 1] [--skip-speed] [--skip-quality]
 
 Speed (random weights, speed only): the mmBERT-base shape, prompts of 64 held-out tokens, 256 new
@@ -64,7 +65,7 @@ def speed(args, device, dtype) -> dict:
     from diffutron.model import DiffusionLM
     from diffutron.sampling import Denoiser, SamplingConfig, generate, generation_canvas
 
-    lm = DiffusionLM.from_pretrained("preset:mmbert-base", device=device, dtype=dtype, seed=0)
+    lm = DiffusionLM.from_pretrained(f"preset:{args.preset}", device=device, dtype=dtype, seed=0)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = prompts_of_length(lm, max(batches), args.prompt_tokens)
     options = dict(block_length=args.block_length, stop_at_eos=False)
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--preset", default="mmbert-base", help="the shape of the speed runs")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
