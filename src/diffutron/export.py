@@ -14,11 +14,11 @@ right weights.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from diffutron.atomic import replace_folder
 from diffutron.errors import DiffutronError, UsageError
 
 MARKER = "diffutron-export.json"
@@ -60,18 +60,6 @@ def check_destination(source: Path, folder: Path, out: Path, force: bool) -> Non
             f"--out {out} is not empty and holds no earlier diffutron export: choose another folder, "
             "or pass --force to replace it"
         )
-
-
-def _swap_in(new: Path, out: Path, aside: Path) -> None:
-    """Move `new` to `out`; an earlier `out` goes to `aside` first and comes back if the move fails."""
-    if out.exists():
-        os.replace(out, aside)
-    try:
-        os.replace(new, out)
-    except OSError:
-        if aside.exists():
-            os.replace(aside, out)
-        raise
 
 
 def export(source: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> dict:
@@ -119,7 +107,7 @@ def export(source: str | Path, out: str | Path, merge_lora: bool = False, force:
                     )
         provenance = {"from": str(folder.resolve()), "kind": kind, "base_copied_from": base}
         (tmp / "model" / MARKER).write_text(json.dumps(provenance, indent=2), encoding="utf-8")
-        _swap_in(tmp / "model", out, aside=tmp / "replaced")
+        replace_folder(tmp / "model", out, aside=tmp / "replaced")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from diffutron.atomic import replace_folder, write_text
 from diffutron.errors import DiffutronError
 
 COMPLETE_MARKER = "trainer_state.json"
@@ -62,17 +63,6 @@ class RunLock:
             self.file = None
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a file atomically: a reader (or a kill) sees the old file or the new one, never half of one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
-
-
 def step_of(path: Path) -> int | None:
     """The step of a checkpoint-<step> folder, else None."""
     tail = path.name.removeprefix("checkpoint-")
@@ -94,15 +84,9 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def publish(tmp: Path, final: Path, between: Callable[[], None] = lambda: None) -> None:
-    """Move the complete folder `tmp` to `final`, replacing any earlier `final` only once `tmp` is in place."""
-    old = final.with_name(f".old-{final.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    between()  # tests kill the process here
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Move the complete folder `tmp` to `final`, replacing any earlier `final` only once `tmp` is in place
+    (the earlier one waits at `.old-<name>`, where `recover` finds it after a kill)."""
+    replace_folder(tmp, final, final.with_name(f".old-{final.name}"), between)
 
 
 def recover(out: Path) -> list[str]:

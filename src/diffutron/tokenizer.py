@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from diffutron.atomic import replace_folder
 from diffutron.errors import DiffutronError, UsageError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -81,18 +82,12 @@ def train_tokenizer(
 
 
 def _write_folder(out: Path, write) -> None:
-    """write(tmp) fills a fresh folder beside `out`, which then replaces `out` by renames."""
+    """write(tmp) fills a fresh folder beside `out`, which then replaces `out` (atomic.py)."""
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-        if out.exists():
-            old = out.with_name(f".old-{out.name}-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out, out.with_name(f".old-{out.name}-{os.getpid()}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from diffutron.atomic import write_json
 from diffutron.config import TrainRecipe, flatten, override, resume_conflicts, to_dict
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.run_folder import (
@@ -44,7 +45,6 @@ from diffutron.run_folder import (
     read_state,
     recover,
     trim_metrics,
-    write_json,
 )
 
 PRECISION_NAMES = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}

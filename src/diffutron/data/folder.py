@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffutron.atomic import partial_name, write_json
 from diffutron.data.pack import PackConfig
 from diffutron.errors import DiffutronError, UsageError
 
@@ -32,7 +33,7 @@ RECIPE, STATS, STATE, INFO, PARTS = "recipe.json", "stats.json", "state.json", "
 MARK = "diffutron data prepare"  # in recipe.json: whose folder this is
 _SHARD = re.compile(r"data-\d{5}\.arrow(\.tmp)?")
 _PART = re.compile(r"part-\d{5}\.arrow(\.tmp)?")
-_OWN = {RECIPE, STATS, STATE, INFO} | {name + ".tmp" for name in (RECIPE, STATS, STATE, INFO)}
+_OWN = {RECIPE, STATS, STATE, INFO} | {partial_name(name) for name in (RECIPE, STATS, STATE, INFO)}
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -44,12 +45,6 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(value, dict):
         raise DiffutronError(f"{path} is malformed (not a JSON object): {what}")
     return value
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class DatasetFolder:
