@@ -1,6 +1,6 @@
 """CPU threads on a shared machine: torch's defaults against diffutron's, quiet and beside a busy process.
 
-    python benchmarks/threads.py [--json] [--repeats 3] [--busy 1]
+    python benchmarks/threads.py [--json] [--repeats 3] [--busy 1] [--settings "torch default,diffutron"]
 
 Each workload runs as a fresh `diffutron` process (the thread pool is set when torch starts) and
 reports its own compute time: `generate` (the shipped tiny model, 64 tokens, the sampler's seconds)
@@ -55,10 +55,16 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", type=int, default=1, help="spinning processes in the busy scenario")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="a comma-separated subset of the settings")
     args = parser.parse_args()
+    if unknown := set(args.settings.split(",")) - SETTINGS.keys():
+        parser.error(f"unknown settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
     say = lambda line: print(line, file=sys.stderr if args.json else sys.stdout)  # noqa: E731
 
     from diffutron.data import bundled_documents
+
+    chosen = {name: SETTINGS[name] for name in args.settings.split(",")}
+    compared = {"torch default", "diffutron"} <= chosen.keys()  # the ratios need both
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "heldout16.txt"
@@ -72,7 +78,7 @@ def main() -> None:
             ]
             try:
                 for name, command in workloads(str(data)).items():
-                    for setting, env in SETTINGS.items():
+                    for setting, env in chosen.items():
                         times = [seconds(command, env) for _ in range(args.repeats)]
                         results.setdefault(name, {}).setdefault(setting, {})[scenario] = statistics.median(times)
                         say(f"{scenario:<6} {name:<9} {setting:<14} {statistics.median(times):7.2f} s")
@@ -87,14 +93,15 @@ def main() -> None:
         "busy_processes": args.busy,
         "repeats": args.repeats,
         "results": results,
-        "busy_speedup_vs_torch_default": {
-            name: r["torch default"]["busy"] / r["diffutron"]["busy"] for name, r in results.items()
-        },
-        "quiet_ratio_vs_torch_default": {
-            name: r["torch default"]["quiet"] / r["diffutron"]["quiet"] for name, r in results.items()
-        },
     }
-    for name in results:
+    if compared:
+        summary["busy_speedup_vs_torch_default"] = {
+            name: r["torch default"]["busy"] / r["diffutron"]["busy"] for name, r in results.items()
+        }
+        summary["quiet_ratio_vs_torch_default"] = {
+            name: r["torch default"]["quiet"] / r["diffutron"]["quiet"] for name, r in results.items()
+        }
+    for name in results if compared else ():
         say(
             f"{name}: busy, diffutron {summary['busy_speedup_vs_torch_default'][name]:.1f}x faster than torch's "
             f"default; quiet, {summary['quiet_ratio_vs_torch_default'][name]:.2f}x"

@@ -1,0 +1,54 @@
+"""Every benchmark script runs: the smallest settings of each, on tiny shapes, print the JSON that
+docs/benchmarks.md quotes. Figures are not checked here (they need a quiet machine and the real
+shapes); a script that breaks when the code under it changes is."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# script -> (the smallest arguments, keys its JSON must have)
+CASES = {
+    "packed_head": ("--vocab 2000 --hidden 64 --rows 1,16 --repeats 1", ["table"]),
+    "decode_step_profile": ("--preset tiny --steps 2", ["speedup_dual"]),
+    "fast_decoding": (
+        "--preset tiny --batches 1,2 --prompt-tokens 8 --new-tokens 16 --steps 16 --block-length 8 "
+        "--quality-prompts 2 --quality-new-tokens 16",
+        ["speedup_dual", "speedup_prefix", "agreement_dual", "agreement_prefix"],
+    ),
+    "generate": (
+        "--preset tiny --batches 1 --new-tokens 16 --steps 16 --block-length 16",
+        ["speedup", "identical_tokens"],
+    ),
+    "sample_draw": ("--rows 16 --repeats 1", []),
+    "sampling_quality": ("--prompts 2 --new-tokens 8 --frames open --policies confidence", []),
+    "eval_throughput": ("--preset tiny --sequences 1 --length 64 --repeats 1", []),
+    "train_step": ("--preset tiny --batch 1 --length 64 --repeats 1", []),
+    "harness_throughput": ("--preset tiny --questions 2 --mc-num 2 --repeats 1", []),
+    "train_precision": ("--steps 12 --rounds 1", []),
+    "threads": ("--repeats 1 --settings diffutron", ["results"]),
+    "serve_load": ("--clients 2 --max-tokens 8 --rounds 1 --time-limit 120", ["speedup", "identical"]),
+    "data_pipeline": ("--scales 1 --num-proc 1 --repeats 1", []),
+    "task_pack_paired": ("--mc-num 1", []),
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_runs_and_prints_its_json(script):
+    args, keys = CASES[script]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--json", *args.split()],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,  # as docs/benchmarks.md runs them: recipes name their data relative to the repository
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(keys) <= set(report), f"{script} printed {sorted(report)}"
