@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffutron import packed_linear
+from diffutron.model import DiffusionLM
 from diffutron.packed_linear import PackedLinear
+from diffutron.sampling import generate
 
 
 def _layer(out=3000, inp=96, bias=True, dtype=torch.float32) -> nn.Linear:
@@ -91,13 +93,18 @@ def test_falls_back_to_f_linear_for_good_when_the_ops_fail(monkeypatch):
     assert packed.broken
 
 
-def test_the_models_head_uses_it_at_inference(tiny_lm):
-    hidden = torch.randn(5, tiny_lm.hf_model.config.hidden_size)
+def test_the_head_packs_only_when_asked_and_gives_the_same_logits(tiny_lm):
+    lm = DiffusionLM(tiny_lm.model, tiny_lm.tokenizer)  # its own decoder cache
+    hidden = torch.randn(5, lm.hf_model.config.hidden_size)
     with torch.no_grad():
-        logits = tiny_lm.head(hidden)
-    assert tiny_lm._decoder._packed is not None
-    transform, decoder = tiny_lm._head
-    with torch.no_grad():
-        reference = F.linear(transform(tiny_lm.hf_model, hidden), decoder(tiny_lm.hf_model).weight)
-        reference = reference + decoder(tiny_lm.hf_model).bias
-    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+        plain = lm.head(hidden)
+        assert lm._decoder._packed is None  # eval, fill-mask, the ELBO: no second copy of the weight
+        packed = lm.head(hidden, packed_decoder=True)
+    assert lm._decoder._packed is not None
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sampler_runs_the_packed_decoder(tiny_lm):
+    lm = DiffusionLM(tiny_lm.model, tiny_lm.tokenizer)
+    generate(lm, "Bugün hava", max_new_tokens=4)
+    assert lm._decoder._packed is not None

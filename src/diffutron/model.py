@@ -80,7 +80,7 @@ class DiffusionLM(nn.Module):
         limits = [positions, tokenizer.model_max_length]
         self.context_length: int = min(int(n) for n in limits if n and n < 1_000_000)
         self._head = HEADS.get(config.model_type)
-        self._decoder = PackedLinear()  # the decoder at inference on a CPU (packed_linear.py)
+        self._decoder = PackedLinear()  # the decoder of the sampler's steps on a CPU (packed_linear.py)
         if self._head is None:
             warnings.warn(
                 f"diffutron has no sparse head for model type {config.model_type!r}: computing full "
@@ -166,12 +166,18 @@ class DiffusionLM(nn.Module):
         """Last hidden states [B, L, H] of the encoder."""
         return self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The MLM head and decoder on hidden states [..., H] -> logits [..., V]."""
+    def head(self, hidden: torch.Tensor, packed_decoder: bool = False) -> torch.Tensor:
+        """The MLM head and decoder on hidden states [..., H] -> logits [..., V].
+
+        `packed_decoder`: on a CPU, at inference, run the decoder through a prepacked copy of its
+        weight (packed_linear.py): for the sampler's many calls of a few rows each; the copy costs
+        a second decoder weight in memory, which one-shot and large-batch work does not repay."""
         if self._head is None:
             raise NotImplementedError("no sparse head for this architecture")
         transform, decoder = self._head
-        return self._decoder(decoder(self.hf_model), transform(self.hf_model, hidden))
+        hidden = transform(self.hf_model, hidden)
+        layer = decoder(self.hf_model)
+        return self._decoder(layer, hidden) if packed_decoder else layer(hidden)
 
     def forward(
         self,
@@ -180,11 +186,13 @@ class DiffusionLM(nn.Module):
         positions: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         ce_chunk: int = 256,
+        packed_decoder: bool = False,
     ) -> torch.Tensor:
         """Logits at `positions` (bool [B, L]) as [N, V] in row-major order, or all [B, L, V] if None.
 
         With `targets` ([N] token ids at the positions), the cross-entropy [N] instead, computed
         `ce_chunk` positions at a time so that [N, V] logits never exist at once (linear_ce.py).
+        `packed_decoder`: see `head`.
         """
         if self._head is None:
             logits = self.full_logits(input_ids, attention_mask)
@@ -193,7 +201,7 @@ class DiffusionLM(nn.Module):
         hidden = self.encode(input_ids, attention_mask)
         hidden = hidden if positions is None else hidden[positions]
         if targets is None:
-            return self.head(hidden)
+            return self.head(hidden, packed_decoder)
         transform, decoder = self._head
         layer = decoder(self.hf_model)
         return linear_cross_entropy(transform(self.hf_model, hidden), layer.weight, layer.bias, targets, ce_chunk)

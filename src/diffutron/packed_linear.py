@@ -9,10 +9,13 @@ a request's tokens are the same alone or in company. These are the ops PyTorch's
 it freezes a CPU model (`mkldnn::_reorder_linear_weight`, `mkldnn::_linear_pointwise`).
 
 The price is a second copy of the weight (the embedding lookup needs the plain one, tied to it):
-786 MB for mmBERT-base in fp32. `DIFFUTRON_PACKED_HEAD=0` turns it off. The packed copy is used only
-where it computes the same function: a plain `nn.Linear` on the CPU in fp32 / bf16, no autograd, no
-autocast; it is rebuilt whenever the weight changes (a training step, `.to()`, loading weights), and
-if the ops are missing or fail, `F.linear` runs instead, for good.
+786 MB for mmBERT-base in fp32, repaid by the sampler's hundreds of calls of a few rows each; for
+one-shot or large-batch work (fill-mask, PPL@15%, the ELBO) it costs memory for little
+(docs/benchmarks.md), so only the sampler asks for it (`DiffusionLM.head(..., packed_decoder=True)`).
+`DIFFUTRON_PACKED_HEAD=0` turns it off.
+The packed copy is used only where it computes the same function: a plain `nn.Linear` on the CPU in
+fp32 / bf16, no autograd, no autocast; it is rebuilt whenever the weight changes (a training step,
+`.to()`, loading weights), and if the ops are missing or fail, `F.linear` runs instead, for good.
 """
 
 from __future__ import annotations

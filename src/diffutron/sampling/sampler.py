@@ -277,9 +277,10 @@ class Denoiser:
             since, until = torch.cat([since, since]), torch.cat([until, until])
             refresh = torch.cat([refresh, refresh]) if refresh is not None else None
         if self.cache is None:
-            logits = self.lm(x, attention, positions=candidates)
+            logits = self.lm(x, attention, positions=candidates, packed_decoder=True)
         else:
-            logits = self.lm.head(self._cached_hidden(x, attention, candidates, since, until, refresh))
+            hidden = self._cached_hidden(x, attention, candidates, since, until, refresh)
+            logits = self.lm.head(hidden, packed_decoder=True)
         if not guidance:
             return logits
         cond, uncond = logits.chunk(2)
