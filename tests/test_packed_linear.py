@@ -1,6 +1,9 @@
 """The packed decoder computes what F.linear computes, is rebuilt when the weight changes, and steps
 aside wherever it would not be the same function."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,3 +111,12 @@ def test_the_sampler_runs_the_packed_decoder(tiny_lm):
     lm = DiffusionLM(tiny_lm.model, tiny_lm.tokenizer)
     generate(lm, "Bugün hava", max_new_tokens=4)
     assert lm._decoder._packed is not None
+
+
+def test_a_model_that_packed_can_be_copied_and_pickled(tiny_lm):
+    lm = DiffusionLM(tiny_lm.model, tiny_lm.tokenizer)
+    first = generate(lm, "Bugün hava", max_new_tokens=4).token_ids
+    twin = copy.deepcopy(lm)  # an EMA, a frozen reference: the packed copy is an opaque tensor
+    assert twin._decoder._packed is None
+    assert generate(twin, "Bugün hava", max_new_tokens=4).token_ids == first
+    assert pickle.loads(pickle.dumps(lm._decoder))._packed is None

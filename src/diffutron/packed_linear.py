@@ -58,6 +58,14 @@ class PackedLinear:
         self._packed: torch.Tensor | None = None
         self.broken = False  # the ops are missing or failed once: F.linear from now on
 
+    # The packed copy is an opaque tensor that cannot be copied or pickled, and a cache besides:
+    # a copy of the model (copy.deepcopy, pickle) starts without one and packs its own weight.
+    def __deepcopy__(self, memo) -> PackedLinear:
+        return PackedLinear()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_key": None, "_packed": None}
+
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self._usable(layer, x):
             return layer(x)
