@@ -15,7 +15,8 @@ one-shot or large-batch work (fill-mask, PPL@15%, the ELBO) it costs memory for 
 `DIFFUTRON_PACKED_HEAD=0` turns it off.
 The packed copy is used only where it computes the same function: a plain `nn.Linear` on the CPU in
 fp32 / bf16, no autograd, no autocast; it is rebuilt whenever the weight changes (a training step,
-`.to()`, loading weights), and if the ops are missing or fail, `F.linear` runs instead, for good.
+`.to()`, loading weights), freed when the layer runs otherwise (training, on a GPU), and if the ops
+are missing or fail, `F.linear` runs instead, for good.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class PackedLinear:
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self._usable(layer, x):
+            self._key, self._packed = None, None  # the weight left the CPU or is training: free the copy
             return layer(x)
         try:
             return packed_linear(x, self._packed_weight(layer.weight), layer.bias)
