@@ -101,24 +101,45 @@ def test_kill_9_at_random_points_then_a_rerun_equals_the_uninterrupted_run(tmp_p
 
 
 def test_ctrl_c_with_worker_processes_is_one_line_and_exit_130(tmp_path):
-    """Ctrl-C reaches the whole foreground process group: the main process and its workers."""
+    """Ctrl-C reaches the whole foreground process group: the main process and its workers. Repeated
+    (DIFFUTRON_FAULT_ITERATIONS): the exit once hung, about one Ctrl-C in 40 on a loaded machine."""
     corpus = tmp_path / "c.jsonl"
     with open(corpus, "w") as f:
         for i in range(8000):
             f.write(json.dumps({"text": f"Belge {i}: Bugün hava çok güzel ve biz de parka gittik, {i * 7}."}) + "\n")
     recipe = tmp_path / "recipe.yaml"  # small shards: a part is on disk once the workers are at work
     recipe.write_text(f"sources:\n  - spec: {corpus}\npack:\n  max_length: 64\n  shard_size: 16\n")
-    command = [sys.executable, "-m", "diffutron", "data", "prepare", str(recipe), "--num-proc", "2"]
-    command += ["--out", str(tmp_path / "out")]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not any((tmp_path / "out").glob("**/*.arrow")) and time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGINT)
-    stderr = process.communicate(timeout=60)[1]
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("preparing: ")]
-    assert process.returncode == 130 and len(lines) <= 1 and "Traceback" not in stderr, stderr
+    for iteration in range(ITERATIONS):
+        out = tmp_path / f"out{iteration}"
+        command = [sys.executable, "-m", "diffutron", "data", "prepare", str(recipe), "--num-proc", "2"]
+        command += ["--out", str(out)]
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not any(out.glob("**/*.arrow")) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        stderr = process.communicate(timeout=60)[1]
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("preparing: ")]
+        assert process.returncode == 130 and len(lines) <= 1 and "Traceback" not in stderr, (iteration, stderr)
+    print(f"\nCtrl-C with workers: {ITERATIONS} runs, each exit 130 with one line")
+
+
+def test_an_interrupted_worker_pool_lets_its_workers_finish_instead_of_killing_them():
+    """Pool.terminate() kills workers that may hold the result queue's lock mid-write, and then hangs
+    for good on that lock (a Ctrl-C hung once in ~40 under load): the pool must let them exit."""
+    from diffutron.data import prepare as prepare_module
+    from diffutron.data.encode import TokenEncoder
+
+    recipe = DataRecipe(sources=[SourceSpec(spec="bundled:train")], num_proc=2)
+    workers = []
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_module._worker_pool(recipe, TokenEncoder(prepare_module.load_tokenizer(recipe.tokenizer))) as pool:
+            workers = list(multiprocessing.active_children())
+            pending = [pool.apply_async(prepare_module._process_chunk, (["Bugün hava çok güzel."] * 64,))]
+            raise KeyboardInterrupt  # Ctrl-C while chunks are in flight
+    assert pending and len(workers) >= 2
+    assert [w.exitcode for w in workers] == [0] * len(workers)  # exited on their own, none terminated
 
 
 def test_broken_compressed_and_parquet_files_are_named(tmp_path):

@@ -261,7 +261,11 @@ def _chunks(mixture: Mixture, limit: int | None) -> Iterator[list[tuple[str, str
 
 @contextmanager
 def _worker_pool(recipe: DataRecipe, encoder: TokenEncoder):
-    """Worker processes that ignore Ctrl-C (from their start: SIGINT is ignored while they spawn)."""
+    """Worker processes that ignore Ctrl-C (from their start: SIGINT is ignored while they spawn).
+
+    However the block ends (done, Ctrl-C, an error), the workers finish the chunks in flight and exit:
+    never `Pool.terminate()`, which kills workers that may be writing a result while holding the
+    result queue's lock, on which its task thread then waits for good (a Ctrl-C hung once in ~40)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
@@ -270,8 +274,11 @@ def _worker_pool(recipe: DataRecipe, encoder: TokenEncoder):
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
-    with pool:
+    try:
         yield pool
+    finally:
+        pool.close()
+        pool.join()
 
 
 def prepare(
