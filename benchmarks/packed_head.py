@@ -62,31 +62,31 @@ def compare(plain, packed, x, together, repeats: int) -> dict:
 
 
 class Plain:
-    def __init__(self, weight, bias):
-        self.weight, self.bias = weight, bias
+    """F.linear, as the model's nn.Linear runs it."""
 
-    def __call__(self, x):
+    def __init__(self, weight, bias):
         import torch.nn.functional as F
 
-        return F.linear(x, self.weight, self.bias)
+        self.linear, self.weight, self.bias = F.linear, weight, bias
+
+    def __call__(self, x):
+        return self.linear(x, self.weight, self.bias)
 
     def reference(self, x):
         """float64 from the inputs as the dtype sees them"""
-        import torch.nn.functional as F
-
-        return F.linear(x.double(), self.weight.double(), self.bias.double())
+        return self.linear(x.double(), self.weight.double(), self.bias.double())
 
 
 class Packed:
-    def __init__(self, weight, bias):
-        from diffutron.packed_linear import pack
+    """The weight packed once, as the sampler's decoder runs it."""
 
-        self.packed, self.bias = pack(weight), bias
+    def __init__(self, weight, bias):
+        from diffutron.packed_linear import pack, packed_linear
+
+        self.linear, self.packed, self.bias = packed_linear, pack(weight), bias
 
     def __call__(self, x):
-        from diffutron.packed_linear import packed_linear
-
-        return packed_linear(x, self.packed, self.bias)
+        return self.linear(x, self.packed, self.bias)
 
 
 def main() -> None:
