@@ -6,7 +6,7 @@ a checkpoint saved twice, two runs in one folder, a resume with another recipe, 
 
 runs more kills than the default 3 (seeded by DIFFUTRON_FAULT_SEED, default 0) and prints the count
 of cases tried and handled. The kills hit named points of the loop (DIFFUTRON_TEST_KILL=<site>:<step>,
-see train._fault_point) or a random moment.
+see train/state.py: fault_point) or a random moment.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffutron.train as train_module
+import diffutron.train.build as train_build
+import diffutron.train.loop as train_loop
+import diffutron.train.state as train_state
 from diffutron.config import override
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.run_folder import RunLock, recover
@@ -33,7 +35,7 @@ from diffutron.train import TrainRecipe, train
 
 ITERATIONS = int(os.environ.get("DIFFUTRON_FAULT_ITERATIONS", "3"))
 SEED = int(os.environ.get("DIFFUTRON_FAULT_SEED", "0"))
-# where the loop can be killed (train._fault_point), and at which steps of the recipe below
+# where the loop can be killed (train/state.py: fault_point), and at which steps of the recipe below
 SITES = {
     "step": [1, 2, 3, 4, 5, 6],
     "checkpoint-written": [2, 4, 6],
@@ -160,7 +162,7 @@ def test_a_checkpoint_saved_again_is_never_lost(bundled_128, reference, tmp_path
         if (site, step) == ("checkpoint-swap", 2) and (out / ".old-checkpoint-2").exists():
             raise KeyboardInterrupt("crash between the renames")
 
-    monkeypatch.setattr(train_module, "_fault_point", interrupt_then_crash)
+    monkeypatch.setattr(train_state, "fault_point", interrupt_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(_recipe(bundled_128, out))
     assert not (out / "checkpoint-2").exists()  # the crash came between the renames
@@ -239,7 +241,7 @@ def test_a_resume_with_another_recipe_is_refused_before_loading(finished, change
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(train_module, "build_model", no_model)
+    monkeypatch.setattr(train_build, "build_model", no_model)
     with pytest.raises(UsageError, match=f"holds a run with other settings \\({keys}\\)"):
         train(override(finished, changes))
 
@@ -294,7 +296,7 @@ def test_every_recipe_value_is_checked(key, value, message):
 def test_a_bad_value_exits_2_before_anything_loads(capsys, monkeypatch, tmp_path):
     from diffutron.cli import main
 
-    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(train_build, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["train", "configs/tiny-cpt.yaml", "--lr", "nan", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip() == "error: optim.lr must be a finite number, got nan"
     assert not (tmp_path / "run").exists()
@@ -302,7 +304,7 @@ def test_a_bad_value_exits_2_before_anything_loads(capsys, monkeypatch, tmp_path
 
 def test_non_finite_steps_are_logged_as_non_finite(bundled_128, tmp_path, monkeypatch):
     """Steps 2 and 3 have NaN losses: skipped (no optimizer step), logged with loss null, never 0.0."""
-    real = train_module.compute_loss
+    real = train_loop.compute_loss
     calls = {"n": 0}
 
     def nan_on_calls_2_and_3(*args, **kwargs):
@@ -312,7 +314,7 @@ def test_non_finite_steps_are_logged_as_non_finite(bundled_128, tmp_path, monkey
             output.loss = output.loss * float("nan")
         return output
 
-    monkeypatch.setattr(train_module, "compute_loss", nan_on_calls_2_and_3)
+    monkeypatch.setattr(train_loop, "compute_loss", nan_on_calls_2_and_3)
     out = tmp_path / "run"
     recipe = _recipe(bundled_128, out, **{"train.max_steps": 4, "train.save_every": 100, "data.eval": None})
     summary = train(recipe)

@@ -277,7 +277,7 @@ def test_sft_recipe_runs(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop(dataset, tmp_path, monkeypatch):
-    import diffutron.train as train_module
+    import diffutron.train.loop as train_module
 
     real = train_module.compute_loss
     calls = {"n": 0}

@@ -185,6 +185,8 @@ class TrainSection:
     max_bad_steps: int = 20  # non-finite losses skipped before the run stops
     trackers: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
     plot: bool = True
+    # how long a process may wait for the others (a collective, a barrier) before the run fails
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -260,6 +262,7 @@ RANGES = {
     "train.save_every": "[1, inf)",
     "train.keep_last": "[0, inf)",  # 0: keep every checkpoint
     "train.max_bad_steps": "[0, inf)",
+    "train.timeout_minutes": "(0, inf)",
     "data.eval_documents": "[1, inf)",
     "data.eval_batch_size": "[1, inf)",
     "sft.max_length": "[2, inf)",
@@ -276,6 +279,7 @@ RESUMABLE = (
     "train.max_bad_steps",
     "train.trackers",
     "train.plot",
+    "train.timeout_minutes",
     "train.precision",
     "model.gradient_checkpointing",
     "data.eval",

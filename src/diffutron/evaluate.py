@@ -214,6 +214,66 @@ def _collapsed_strata_variance(x: torch.Tensor) -> torch.Tensor:
     return total
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of an evaluation that several processes run together: the batches are formed
+    alike everywhere and batch b is evaluated by process b % count (its masks are seeded by its windows'
+    places in the input, so the figures equal one process's); `reduce` sums a tensor over the processes.
+    `lockstep`: every process runs as many forward passes (under FSDP each forward is a collective), so a
+    process with one batch fewer evaluates one more and drops it."""
+
+    index: int
+    count: int
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    lockstep: bool = False
+
+
+class _Totals:
+    """The sums an evaluation adds up: cross-entropy sum and count per pass, top-1 / top-5 hits, tokens,
+    windows, the ELBO's sum and variance. One float64 vector, so processes add theirs in one reduce."""
+
+    SCALARS = ("top1", "top5", "tokens", "windows", "nelbo_sum", "nelbo_var")
+
+    def __init__(self, samples: int):
+        self.samples = samples
+        self.vector = torch.zeros(2 * samples + len(self.SCALARS), dtype=torch.float64)
+
+    def _place(self, name: str, k: int | None) -> slice | int:
+        if name in ("ce_sum", "ce_count"):
+            first = 0 if name == "ce_sum" else self.samples
+            return slice(first, first + self.samples) if k is None else first + k
+        return 2 * self.samples + self.SCALARS.index(name)
+
+    def add(self, name: str, value: float, k: int | None = None) -> None:
+        self.vector[self._place(name, k)] += value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.vector[self._place(name, None)]
+
+
+def _add_batch(totals: _Totals, lm, batch, mask_ratio, seed, elbo_samples, bert_corruption, sparse_head) -> None:
+    """The sums of one batch of (window index, ids), added to `totals`."""
+    clean = [ids for _, ids in batch]
+    for k in range(totals.samples):
+        drawn = [_mask_window(lm, ids, mask_ratio, _generator(seed, k, i), bert_corruption) for i, ids in batch]
+        ce, rank = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head)
+        totals.add("ce_sum", float(ce.double().sum()), k)
+        totals.add("ce_count", ce.numel(), k)
+        totals.add("top1", int((rank == 0).sum()))
+        totals.add("top5", int((rank < 5).sum()))
+    if elbo_samples:
+        x = torch.zeros(elbo_samples, len(batch), dtype=torch.float64)  # weighted CE sum per stratum, window
+        for k in range(elbo_samples):
+            drawn = [_mask_stratum(lm, ids, k, elbo_samples, _generator(seed, _ELBO_STREAM + k, i)) for i, ids in batch]
+            ce, _ = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head, ranks=False)
+            per_window = torch.split(ce.double(), [int(d[1].sum()) for d in drawn])
+            x[k] = torch.stack([part.sum() * d[2] for part, d in zip(per_window, drawn, strict=True)])
+        totals.add("nelbo_sum", float(x.sum()) / elbo_samples)
+        totals.add("nelbo_var", float(_collapsed_strata_variance(x).sum()) / elbo_samples**2)
+    totals.add("tokens", int(sum(lm.maskable(ids).sum() for ids in clean)))
+    totals.add("windows", len(batch))
+
+
 @torch.no_grad()
 def evaluate_windows(
     lm,
@@ -227,9 +287,11 @@ def evaluate_windows(
     bert_corruption: bool = False,
     sparse_head: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
+    shard: Shard | None = None,
 ) -> EvalResult:
     """PPL at `mask_ratio` (pooled over `samples` passes), the ELBO bound from `elbo_samples` strata
     (0 skips it), top-1/top-5 accuracy. `token_windows` may be any iterable: it is read once.
+    `shard`: this process's share when several evaluate together (every process gets the whole result).
 
     progress(windows done, None) is called after each batch (the total is not known in advance).
     """
@@ -240,57 +302,47 @@ def evaluate_windows(
     if elbo_samples < 0:
         raise UsageError(f"elbo_samples must be >= 0, got {elbo_samples}")
     start = time.perf_counter()
-    ce_sum = torch.zeros(samples, dtype=torch.float64)
-    ce_count = torch.zeros(samples, dtype=torch.long)
-    top1 = top5 = tokens = windows = 0
-    nelbo_sum = nelbo_var = 0.0
-
-    for batch in _batches(token_windows, batch_size):
-        clean = [ids for _, ids in batch]
-        for k in range(samples):
-            drawn = [_mask_window(lm, ids, mask_ratio, _generator(seed, k, i), bert_corruption) for i, ids in batch]
-            ce, rank = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head)
-            ce_sum[k] += ce.double().sum()
-            ce_count[k] += ce.numel()
-            top1 += int((rank == 0).sum())
-            top5 += int((rank < 5).sum())
-        if elbo_samples:
-            x = torch.zeros(elbo_samples, len(batch), dtype=torch.float64)  # weighted CE sum per stratum, window
-            for k in range(elbo_samples):
-                drawn = [
-                    _mask_stratum(lm, ids, k, elbo_samples, _generator(seed, _ELBO_STREAM + k, i)) for i, ids in batch
-                ]
-                ce, _ = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head, ranks=False)
-                per_window = torch.split(ce.double(), [int(d[1].sum()) for d in drawn])
-                x[k] = torch.stack([part.sum() * d[2] for part, d in zip(per_window, drawn, strict=True)])
-            nelbo_sum += float(x.sum()) / elbo_samples
-            nelbo_var += float(_collapsed_strata_variance(x).sum()) / elbo_samples**2
-        tokens += int(sum(lm.maskable(ids).sum() for ids in clean))
-        windows += len(batch)
+    totals = _Totals(samples)
+    options = (mask_ratio, seed, elbo_samples, bert_corruption, sparse_head)
+    batches = mine = 0
+    spare = None  # a batch to run and drop (lockstep)
+    for b, batch in enumerate(_batches(token_windows, batch_size)):
+        batches, spare = b + 1, spare or batch
+        if shard is not None and b % shard.count != shard.index:
+            continue
+        _add_batch(totals, lm, batch, *options)
+        mine += 1
         if progress:
-            progress(windows, None)
+            progress(int(totals["windows"]), None)
+    if shard is not None:
+        if shard.lockstep and spare is not None:
+            for _ in range(-(-batches // shard.count) - mine):
+                _add_batch(_Totals(samples), lm, spare, *options)
+        totals.vector = shard.reduce(totals.vector)
 
+    tokens, masked_tokens = int(totals["tokens"]), int(totals["ce_count"].sum())
     if tokens == 0:
         raise UsageError("the data has no tokens to evaluate")
-    masked_tokens = int(ce_count.sum())
-    if (ce_count == 0).any():
+    if (totals["ce_count"] == 0).any():
         raise UsageError("no token was masked in a pass: the data is too short for this mask ratio")
-    pass_ce = ce_sum / ce_count
-    ppl = math.exp(float(ce_sum.sum()) / masked_tokens)
-    elbo_ppl = math.exp(nelbo_sum / tokens) if elbo_samples else None
+    pass_ce = totals["ce_sum"] / totals["ce_count"]
+    ppl = math.exp(float(totals["ce_sum"].sum()) / masked_tokens)
+    elbo_ppl = math.exp(float(totals["nelbo_sum"]) / tokens) if elbo_samples else None
     return EvalResult(
         ppl=ppl,
         ppl_stderr=ppl * float(pass_ce.std() / math.sqrt(samples)) if samples > 1 else None,
         elbo_ppl=elbo_ppl,
-        elbo_ppl_stderr=elbo_ppl * math.sqrt(nelbo_var) / tokens if elbo_ppl and elbo_samples >= 2 else None,
+        elbo_ppl_stderr=elbo_ppl * math.sqrt(float(totals["nelbo_var"])) / tokens
+        if elbo_ppl and elbo_samples >= 2
+        else None,
         elbo_samples=elbo_samples,
         tokens=tokens,
         masked_tokens=masked_tokens,
-        top1=top1 / masked_tokens,
-        top5=top5 / masked_tokens,
+        top1=float(totals["top1"]) / masked_tokens,
+        top5=float(totals["top5"]) / masked_tokens,
         mask_ratio=mask_ratio,
         samples=samples,
         pass_ppl=[math.exp(float(c)) for c in pass_ce],
-        windows=windows,
+        windows=int(totals["windows"]),
         seconds=time.perf_counter() - start,
     )
