@@ -158,6 +158,17 @@ class DiffusionLM(nn.Module):
         """The transformers model, under any peft wrapper (its LoRA layers stay in place)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    # The embedding API of the model inside: accelerate's FSDP2 preparation finds tied embeddings by it and
+    # ties them again after loading sharded weights (without it the decoder became a second, untrained copy).
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hf_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.hf_model.get_output_embeddings()
+
+    def tie_weights(self) -> None:
+        self.hf_model.tie_weights()
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -103,8 +103,15 @@ def is_prepared(folder: Path) -> bool:
     return (Path(folder) / "state.json").is_file()
 
 
-def prepare_data(recipe: TrainRecipe, out: Path) -> None:
-    """Prepare data.recipe into the recipe's folder if it is not prepared yet (CPT and MLM recipes)."""
+def prepare_data_once(recipe: TrainRecipe, out: Path) -> None:
+    """Prepare data.recipe into the recipe's folder if it is not prepared yet (CPT and MLM recipes), one
+    process at a time (a file lock in the run folder): under `accelerate launch` the first process prepares
+    and the others, waiting on the lock, find the folder prepared. Called before the process group forms,
+    so no process waits at a barrier meanwhile (whose timeout a large corpus would outlast)."""
+    import fcntl
+    import os
+    import time
+
     folder = prepared_folder(recipe, out)
     if recipe.objective.kind == "sft" or is_prepared(folder):
         return
@@ -113,29 +120,17 @@ def prepare_data(recipe: TrainRecipe, out: Path) -> None:
     from diffutron.config import load_config
     from diffutron.data.prepare import DataRecipe, prepare
 
-    prepare(load_config(DataRecipe, recipe.data.recipe), folder)
-
-
-def prepare_data_once(recipe: TrainRecipe, out: Path) -> None:
-    """prepare_data, one process at a time (a file lock in the run folder): under `accelerate launch` the
-    first process prepares and the others, waiting on the lock, find the folder prepared. Called before
-    the process group forms, so no process waits at a barrier meanwhile."""
-    import fcntl
-    import os
-    import time
-
-    if recipe.objective.kind == "sft" or is_prepared(prepared_folder(recipe, out)):
-        return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".data.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        time.sleep(float(os.environ.get("DIFFUTRON_TEST_PREPARE_DELAY", "0")))  # tests: a slow preparation
-        prepare_data(recipe, out)
+        if not is_prepared(folder):
+            time.sleep(float(os.environ.get("DIFFUTRON_TEST_PREPARE_DELAY", "0")))  # tests: a slow preparation
+            prepare(load_config(DataRecipe, recipe.data.recipe), folder)
 
 
 def load_training_data(recipe: TrainRecipe, lm, out: Path):
     """A map-style dataset of dicts of tensors (input_ids, attention_mask[, prompt_mask]); CPT and MLM data
-    is prepared first where the recipe names a data recipe."""
+    from its prepared folder (prepare_data_once)."""
     if recipe.objective.kind == "sft":
         from diffutron.data.sft import load_sft
 
@@ -143,8 +138,9 @@ def load_training_data(recipe: TrainRecipe, lm, out: Path):
         return TensorDataset(tensors)
     from datasets import load_from_disk
 
-    prepare_data(recipe, out)
     folder = prepared_folder(recipe, out)
+    if not is_prepared(folder):
+        raise DiffutronError(f"{folder} is not a prepared dataset (run `diffutron data prepare` first)")
     dataset = load_from_disk(str(folder)).with_format("torch")
     sample = dataset[: min(len(dataset), 64)]["input_ids"]
     if int(sample.max()) >= lm.vocab_size:
@@ -181,8 +177,22 @@ class TensorDataset(torch.utils.data.Dataset):
         return {k: v[index] for k, v in self.tensors.items()}
 
 
+class _Numbered(torch.utils.data.Dataset):
+    """The dataset in a given order, each item with its place in the dataset (`index`): which sequences a
+    step trained on can be told (DIFFUTRON_RECORD_BATCHES, loop.py)."""
+
+    def __init__(self, dataset, order: list[int]):
+        self.dataset, self.order = dataset, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[self.order[i]], "index": self.order[i]}
+
+
 def epoch_loader(dataset, epoch: int, recipe: TrainRecipe):
     """The data of one epoch in a seeded order: the same order again on resume."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(recipe.train.seed * 7919 + epoch))
-    subset = torch.utils.data.Subset(dataset, order.tolist())
-    return torch.utils.data.DataLoader(subset, batch_size=recipe.train.batch_size, shuffle=False, drop_last=True)
+    numbered = _Numbered(dataset, order.tolist())
+    return torch.utils.data.DataLoader(numbered, batch_size=recipe.train.batch_size, shuffle=False, drop_last=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from diffutron.config import TrainSection
-from diffutron.errors import DiffutronError
+from diffutron.errors import DiffutronError, UsageError
 
 FSDP, DEEPSPEED = "FSDP", "DEEPSPEED"
 
@@ -65,18 +65,47 @@ def make_accelerator(precision: str, settings: TrainSection):
             f"the accelerate config asks for {wanted} but accelerate set up {got}: launch with "
             "`accelerate launch --config_file configs/accelerate/...` (torchrun), not a plain `diffutron train`"
         )
+    if got == DEEPSPEED:
+        _fill_deepspeed_config(accelerator.state.deepspeed_plugin, settings)
+    if accelerator.gradient_accumulation_steps != settings.grad_accum:  # the launch's variables win in accelerate
+        raise UsageError(
+            f"the accelerate launch sets {accelerator.gradient_accumulation_steps} gradient accumulation steps, the "
+            f"recipe {settings.grad_accum} (train.grad_accum): leave them out of the launch (the recipe sets them)"
+        )
     return accelerator
+
+
+def _fill_deepspeed_config(plugin, settings: TrainSection) -> None:
+    """DeepSpeed's micro-batch, accumulation and clipping from the recipe (DeepSpeed clips for itself, and
+    accelerate would take its config's accumulation over the recipe's); a config that sets them otherwise
+    is refused rather than silently obeyed."""
+    from_recipe = {
+        "train_micro_batch_size_per_gpu": ("train.batch_size", settings.batch_size),
+        "gradient_accumulation_steps": ("train.grad_accum", settings.grad_accum),
+        "gradient_clipping": ("train.max_grad_norm", settings.max_grad_norm),
+    }
+    config = plugin.deepspeed_config
+    for key, (name, value) in from_recipe.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise UsageError(
+                f"the DeepSpeed config sets {key} {config[key]}, the recipe {name} {value}: "
+                "leave it out of the DeepSpeed config (the recipe sets it)"
+            )
 
 
 def _sharded_state_on_cpu(wanted: str, precision: str, group: dict) -> None:
     """accelerate's state for a CPU process group, with the distributed type and plugin the launch asks for."""
     from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
 
     partial = PartialState(cpu=True, **group)  # joins the gloo process group of `accelerate launch`
     if partial.distributed_type != DistributedType.MULTI_CPU:
         return  # no process group (a plain `diffutron train`): make_accelerator says what is wrong
-    state = AcceleratorState(mixed_precision=precision, cpu=True, _from_accelerator=True)
+    state = AcceleratorState(
+        mixed_precision=precision, cpu=True, dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True
+    )
     if wanted == FSDP:
         plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables of the launch
         if precision != "no":
@@ -132,14 +161,33 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type.name == FSDP
 
 
+def weights_held(model) -> float:
+    """The share of the model's weights this process holds: 1 for replicas (DDP), about 1 / processes
+    when FSDP shards them."""
+    from torch.distributed.tensor import DTensor
+
+    held = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        held += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return held / total
+
+
 def full_model_state(accelerator, model, lm) -> dict | None:
     """Under FSDP, the model's full weights for `lm.save_pretrained` (a collective: every process calls it;
     the main process gets them); otherwise None: the live weights are whole in every process."""
     if not is_sharded(accelerator):
         return None
     full = accelerator.get_state_dict(model)
-    # keys of the DiffusionLM (model.<...>) -> keys of the HF / peft model it wraps
-    return {key.removeprefix("model."): value for key, value in full.items()} if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    # a tied weight (the decoder's, the embeddings') comes back once per name, as copies: keep its first
+    # name, as save_pretrained does for the live model; keys of the DiffusionLM (model.<...>) -> of the model inside
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    aliases = {name for group in names.values() for name in group[1:]}
+    return {key.removeprefix("model."): value for key, value in full.items() if key not in aliases}
 
 
 def replicas_in_sync(accelerator, model) -> bool | None:

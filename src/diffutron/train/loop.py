@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 import warnings
@@ -32,6 +33,16 @@ PRECISION_NAMES = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 def mask_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro * 31 + rank) % 2**63)
+
+
+def record_batch(batch: dict, state: dict, rank: int) -> None:
+    """With DIFFUTRON_RECORD_BATCHES=<folder>: each process appends the dataset indices of its micro-batches
+    to <folder>/batches-<rank>.jsonl (which sequences each step saw, for tests and debugging)."""
+    folder = os.environ.get("DIFFUTRON_RECORD_BATCHES")
+    if folder:
+        row = {"step": state["step"] + 1, "epoch": state["epoch"], "rank": rank, "index": batch["index"].tolist()}
+        with open(Path(folder) / f"batches-{rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def compute_loss(lm, forward, batch: dict, recipe: TrainRecipe, generator: torch.Generator):
@@ -170,11 +181,12 @@ def _finished_summary(resumed: dict, out: Path, processes: int) -> dict:
 
 
 def _new_window(carried: dict | None = None) -> dict:
-    """The running window of logged steps: losses, non-finite steps, tokens, and its start in time; a
+    """The running window of logged steps: losses, gradient norms, non-finite steps, tokens, and its start; a
     resumed run carries on the window its checkpoint saved (its curve then equals an uninterrupted one)."""
     carried = carried or {}
     return {
         "losses": list(carried.get("losses", [])),
+        "grad_norms": list(carried.get("grad_norms", [])),
         "non_finite": carried.get("non_finite", 0),
         "tokens": carried.get("tokens", 0),
         "started": time.perf_counter() - carried.get("seconds", 0.0),
@@ -182,7 +194,7 @@ def _new_window(carried: dict | None = None) -> dict:
 
 
 def _saved_window(window: dict) -> dict:
-    kept = {k: window[k] for k in ("losses", "non_finite", "tokens")}
+    kept = {k: window[k] for k in ("losses", "grad_norms", "non_finite", "tokens")}
     return kept | {"seconds": time.perf_counter() - window["started"]}
 
 
@@ -238,6 +250,8 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
     model, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
     raw_lm = accelerator.unwrap_model(model)
     params = distributed.trainable_parameters(model)  # the live ones: FSDP replaced those above
+    summary["wrapper"] = type(model).__name__
+    summary["weights_held"] = round(distributed.weights_held(model), 4)
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "bad_steps": 0, "tokens": 0, "seconds": 0.0}
     state |= distributed.launch_shape(accelerator)
@@ -289,6 +303,7 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
                 accelerator.skip_first_batches(loader, state["micro_in_epoch"]) if state["micro_in_epoch"] else loader
             )
             for batch in batches:
+                record_batch(batch, state, accelerator.process_index)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         generator = mask_generator(recipe.train.seed, state["step"], micro, accelerator.process_index)
@@ -318,7 +333,9 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
                                 )
                         else:
                             if recipe.train.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                                norm = accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                                if norm is not None:  # before clipping, over every process's gradients
+                                    window["grad_norms"].append(float(norm))
                             optimizer.step()
                         scheduler.step()  # the schedule follows the step count, dropped steps included
                         optimizer.zero_grad()
@@ -344,6 +361,8 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
                         "tokens": state["tokens"],
                         "bad_steps": state["bad_steps"],
                     }
+                    if window["grad_norms"]:
+                        record["grad_norm"] = sum(window["grad_norms"]) / len(window["grad_norms"])
                     if window["non_finite"]:
                         record["non_finite_steps"] = window["non_finite"]
                     log(record)

@@ -20,8 +20,11 @@ from diffutron.run_folder import COMPLETE_MARKER, RECIPE_FILE, checkpoints, prun
 
 
 def fault_point(site: str, step: int) -> None:
-    """Fault injection for tests: DIFFUTRON_TEST_KILL=<site>:<step> kills the process (SIGKILL) here."""
-    if os.environ.get("DIFFUTRON_TEST_KILL") == f"{site}:{step}":
+    """Fault injection for tests: DIFFUTRON_TEST_KILL=<site>:<step> kills the process (SIGKILL) here;
+    <site>:<step>@<rank> only the process of that rank (RANK, as torchrun sets it)."""
+    wanted = os.environ.get("DIFFUTRON_TEST_KILL", "")
+    point, _, rank = wanted.partition("@")
+    if point == f"{site}:{step}" and rank in ("", os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
