@@ -218,7 +218,10 @@ class Engine:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not (self._inbox or self._calls or self._cancelled or self._groups or self._closed):
+                # jobs waiting for room count as work: once the batch empties, nothing else would admit them
+                while not (
+                    self._inbox or self._calls or self._cancelled or self._groups or self._waiting or self._closed
+                ):
                     self._lock.wait()
                 if self._closed:
                     break
