@@ -4,13 +4,15 @@
         [--block-length N] [--cache none|prefix|dual] [--library]
 
 Starts `diffutron serve MODEL --port 0` (loopback only) in its own process and sends it N streaming
-completions with different held-out prompts (greedy, the server's defaults): first one after the
-other, then all N at once, for `--rounds` rounds. Each request is the official OpenAI streaming shape
+completions with different held-out prompts (greedy, the server's defaults): one after the other and
+all N at once, for `--rounds` rounds, the order of the two phases alternating from round to round (a
+load that drifts over the run weighs on both alike). Each request is the official OpenAI streaming shape
 (`stream: true`, `stream_options.include_usage`). Reported: aggregate completion tokens/s of each
 phase and their ratio (`speedup`), whether every request got the same text in both phases
 (`identical`), latency p50/p95 of the concurrent phase (`p50_s`, `p95_s`), the time to the first
 committed token (the first non-empty delta), and the same ratio in the server's CPU seconds
-(`cpu_speedup`: the work saved, whatever else runs on the machine). Bounded: N <= 64 clients,
+(`cpu_speedup`: the work saved, whatever else runs on the machine), and the server's forward passes
+and rows stepped in each phase (`sequential_forward_passes`, ...). Bounded: N <= 64 clients,
 `--time-limit` seconds in all. With --json, stdout is one JSON object.
 """
 
@@ -64,6 +66,12 @@ def start_server(model: str, max_batch: int, threads: int | None) -> tuple[subpr
         except httpx.TransportError:
             time.sleep(0.05)
     raise SystemExit("the server does not answer")
+
+
+def server_counts(url: str, pid: int) -> dict:
+    """The server's counters that a phase adds to: its CPU seconds, forward passes, rows stepped."""
+    health = httpx.get(url + "/health", timeout=10).json()
+    return {"cpu_s": cpu_seconds(pid), "forward_passes": health["forward_passes"], "rows": health["rows_stepped"]}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,16 +197,19 @@ def main() -> None:
     server, url = start_server(args.model, args.clients, args.threads)
     try:
         one_request(url, bodies[0], deadline)  # warm-up
-        rounds, cpu = [], {"alone": 0.0, "together": 0.0}
-        for _ in range(args.rounds):
-            before = cpu_seconds(server.pid)
-            alone, alone_s = sequential(url, bodies, deadline)
-            middle = cpu_seconds(server.pid)
-            together, together_s = concurrent(url, bodies, deadline)
-            cpu["alone"] += middle - before
-            cpu["together"] += cpu_seconds(server.pid) - middle
-            rounds.append((alone, alone_s, together, together_s))
-        health = httpx.get(url + "/health", timeout=10).json()
+        rounds = []
+        spent = {phase: dict.fromkeys(("cpu_s", "forward_passes", "rows"), 0.0) for phase in ("alone", "together")}
+        for round_ in range(args.rounds):
+            phases = {"alone": sequential, "together": concurrent}
+            order = ["alone", "together"] if round_ % 2 == 0 else ["together", "alone"]
+            done = {}
+            for phase in order:  # each phase's own share of the server's counters
+                before = server_counts(url, server.pid)
+                done[phase] = phases[phase](url, bodies, deadline)
+                after = server_counts(url, server.pid)
+                for key in spent[phase]:
+                    spent[phase][key] += after[key] - before[key]
+            rounds.append((*done["alone"], *done["together"]))
     finally:
         server.terminate()
         server.wait(30)
@@ -230,11 +241,16 @@ def main() -> None:
         "first_token_p50_s": statistics.median(firsts) if firsts else None,
         "sequential_first_token_p50_s": statistics.median(firsts_alone) if firsts_alone else None,
         # the server's CPU seconds per phase: the ratio of the work, robust to other load on the machine
-        "sequential_server_cpu_s": cpu["alone"],
-        "concurrent_server_cpu_s": cpu["together"],
-        "cpu_speedup": (sum(r["tokens"] for r in together) / cpu["together"]) / (tokens / cpu["alone"]),
-        "server_forward_passes": health["forward_passes"],
-        "server_rows_stepped": health["rows_stepped"],
+        "sequential_server_cpu_s": spent["alone"]["cpu_s"],
+        "concurrent_server_cpu_s": spent["together"]["cpu_s"],
+        "cpu_speedup": (sum(r["tokens"] for r in together) / spent["together"]["cpu_s"])
+        / (tokens / spent["alone"]["cpu_s"]),
+        # forward passes and rows stepped in each phase (all rounds): the rows stepped are the same, the
+        # passes fewer when the rows share them
+        "sequential_forward_passes": int(spent["alone"]["forward_passes"]),
+        "concurrent_forward_passes": int(spent["together"]["forward_passes"]),
+        "sequential_rows_stepped": int(spent["alone"]["rows"]),
+        "concurrent_rows_stepped": int(spent["together"]["rows"]),
     }
     if args.library:
         ceiling = library_ceiling(args.model, texts, args.max_tokens, settings, args.threads)
@@ -255,6 +271,11 @@ def main() -> None:
     print(
         f"  speedup {report['speedup']:.2f}x (in server CPU time {report['cpu_speedup']:.2f}x), "
         f"identical outputs: {identical}"
+    )
+    print(
+        f"  forward passes: {report['sequential_forward_passes']} one at a time, "
+        f"{report['concurrent_forward_passes']} all at once (rows stepped: {report['sequential_rows_stepped']}, "
+        f"{report['concurrent_rows_stepped']})"
     )
     if args.library:
         print(

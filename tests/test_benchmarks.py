@@ -32,7 +32,10 @@ CASES = {
     "harness_throughput": ("--preset tiny --questions 2 --mc-num 2 --repeats 1", []),
     "train_precision": ("--steps 12 --rounds 1", []),
     "threads": ("--repeats 1 --settings diffutron", ["results"]),
-    "serve_load": ("--clients 2 --max-tokens 8 --rounds 1 --time-limit 120", ["speedup", "identical"]),
+    "serve_load": (
+        "--clients 2 --max-tokens 8 --rounds 1 --time-limit 120",
+        ["speedup", "identical", "sequential_forward_passes", "concurrent_forward_passes"],
+    ),
     "data_pipeline": ("--scales 1 --num-proc 1 --repeats 1", []),
     "task_pack_paired": ("--mc-num 1", []),
 }

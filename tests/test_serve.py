@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -387,7 +386,7 @@ def test_a_failing_step_fails_its_requests_only(client, monkeypatch):
     reply = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
     assert reply.status_code == 500 and "out of memory" in reply.json()["error"]["message"]
     events = stream(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
-    assert "out of memory" in events[-1][1]["error"]["message"]
+    assert "out of memory" in events[-2][1]["error"]["message"] and events[-1] == (None, "[DONE]")
     monkeypatch.undo()
     assert client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}).status_code == 200
     assert client.get("/health").json()["active_rows"] == 0
@@ -465,9 +464,9 @@ def test_serve_command_starts_and_refuses_a_busy_port(tmp_path):
         assert health["model"] == "tiny-diffutron" and health["max_batch"] == 4
         reply = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=60)
         assert reply.status_code == 200
-        process.terminate()  # a graceful stop; uvicorn then re-raises the signal, as a process killed by it exits
+        process.terminate()  # a graceful stop, answered with exit 0 (uvicorn's re-raised SIGTERM is taken)
         _, log = process.communicate(timeout=30)
-        assert process.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in log
+        assert process.returncode == 0 and "Application shutdown complete" in log
         assert "completion rows=1 prompt_tokens=6 completion_tokens=4 steps=4 forward_passes=4" in log
     finally:
         if process.poll() is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -200,6 +200,12 @@ def _batches(windows: Iterable[Sequence[int]], batch_size: int) -> Iterator[list
             yield buffer[b : b + batch_size]
 
 
+def pass_shapes(windows: Iterable[Sequence[int]], batch_size: int) -> list[tuple[int, int]]:
+    """(rows, padded length) of each batch `evaluate_windows` forms from `windows`: every PPL pass and ELBO
+    stratum runs one forward pass of each (what a caller needs to know the work before it starts)."""
+    return [(len(batch), len(batch[0][1])) for batch in _batches(windows, batch_size)]
+
+
 def _collapsed_strata_variance(x: torch.Tensor) -> torch.Tensor:
     """Estimated variance of sum_k x[k] for x [N strata, W windows], one draw per stratum: strata in
     consecutive pairs (the last three together when N is odd), sum over groups of n/(n-1) * sum of
@@ -251,12 +257,13 @@ class _Totals:
         return self.vector[self._place(name, None)]
 
 
-def _add_batch(totals: _Totals, lm, batch, mask_ratio, seed, elbo_samples, bert_corruption, sparse_head) -> None:
-    """The sums of one batch of (window index, ids), added to `totals`."""
+def _add_batch(totals: _Totals, lm, batch, mask_ratio, seed, elbo_samples, bert_corruption, sparse_head) -> Iterator:
+    """The sums of one batch of (window index, ids), added to `totals`; yields after each forward pass."""
     clean = [ids for _, ids in batch]
     for k in range(totals.samples):
         drawn = [_mask_window(lm, ids, mask_ratio, _generator(seed, k, i), bert_corruption) for i, ids in batch]
         ce, rank = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head)
+        yield
         totals.add("ce_sum", float(ce.double().sum()), k)
         totals.add("ce_count", ce.numel(), k)
         totals.add("top1", int((rank == 0).sum()))
@@ -266,6 +273,7 @@ def _add_batch(totals: _Totals, lm, batch, mask_ratio, seed, elbo_samples, bert_
         for k in range(elbo_samples):
             drawn = [_mask_stratum(lm, ids, k, elbo_samples, _generator(seed, _ELBO_STREAM + k, i)) for i, ids in batch]
             ce, _ = _batched_ce(lm, [d[0] for d in drawn], [d[1] for d in drawn], clean, sparse_head, ranks=False)
+            yield
             per_window = torch.split(ce.double(), [int(d[1].sum()) for d in drawn])
             x[k] = torch.stack([part.sum() * d[2] for part, d in zip(per_window, drawn, strict=True)])
         totals.add("nelbo_sum", float(x.sum()) / elbo_samples)
@@ -274,8 +282,19 @@ def _add_batch(totals: _Totals, lm, batch, mask_ratio, seed, elbo_samples, bert_
     totals.add("windows", len(batch))
 
 
+def evaluate_windows(lm, token_windows: Iterable[Sequence[int]], **options) -> EvalResult:
+    """PPL at a mask ratio, the ELBO bound, top-1/top-5 accuracy: `iter_evaluation` run to its end (its
+    options, its result)."""
+    steps = iter_evaluation(lm, token_windows, **options)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
 @torch.no_grad()
-def evaluate_windows(
+def iter_evaluation(
     lm,
     token_windows: Iterable[Sequence[int]],
     *,
@@ -288,11 +307,13 @@ def evaluate_windows(
     sparse_head: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
     shard: Shard | None = None,
-) -> EvalResult:
+) -> Generator[None, None, EvalResult]:
     """PPL at `mask_ratio` (pooled over `samples` passes), the ELBO bound from `elbo_samples` strata
     (0 skips it), top-1/top-5 accuracy. `token_windows` may be any iterable: it is read once.
     `shard`: this process's share when several evaluate together (every process gets the whole result).
 
+    A generator: it yields after each forward pass and returns the EvalResult, so a caller can run other
+    work between two passes (the server's engine); `evaluate_windows` runs it to the end.
     progress(windows done, None) is called after each batch (the total is not known in advance).
     """
     if not (math.isfinite(mask_ratio) and 0.0 < mask_ratio < 1.0):
@@ -310,14 +331,14 @@ def evaluate_windows(
         batches, spare = b + 1, spare or batch
         if shard is not None and b % shard.count != shard.index:
             continue
-        _add_batch(totals, lm, batch, *options)
+        yield from _add_batch(totals, lm, batch, *options)
         mine += 1
         if progress:
             progress(int(totals["windows"]), None)
     if shard is not None:
         if shard.lockstep and spare is not None:
             for _ in range(-(-batches // shard.count) - mine):
-                _add_batch(_Totals(samples), lm, spare, *options)
+                yield from _add_batch(_Totals(samples), lm, spare, *options)
         totals.vector = shard.reduce(totals.vector)
 
     tokens, masked_tokens = int(totals["tokens"]), int(totals["ce_count"].sum())

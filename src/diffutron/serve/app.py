@@ -4,7 +4,8 @@ scoring, and the web page at `/`.
 Every model call goes through the engine's thread (engine.py): the request handlers only parse,
 check and format. Errors are OpenAI's error object: 400 for a bad request (malformed JSON, a bad
 setting, a prompt that does not fit), 401 for a missing or wrong key, 404 for an unknown model or
-path, 413 for a body over the limit, 429 when the queue is full, 500 when the model fails.
+path, 413 for a body over the limit, 429 when the queue is full, 500 when the model fails, 503 when
+the server is shutting down or its engine stopped (then `/health` is a 503 too).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.serve import schemas
-from diffutron.serve.engine import Engine, EngineError, Finished, Job, Prepared, QueueFull
+from diffutron.serve.engine import Engine, EngineError, Finished, Job, Prepared, QueueFull, Unavailable
 from diffutron.serve.responses import DONE, CompletionFormatter, Formatter, InfillFormatter, error_body, sse
 
 log = logging.getLogger("diffutron.serve")
@@ -89,8 +90,10 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
         return HTMLResponse(html)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_id, **engine.status()}
+    async def health() -> JSONResponse:
+        state = engine.state  # "ok", or "stopping" / "failed": a 503, so that a supervisor or balancer moves on
+        body = {"status": state, "model": model_id, **engine.status()}
+        return JSONResponse(body, status_code=200 if state == "ok" else 503)
 
     def model_card() -> dict:
         return {
@@ -181,22 +184,23 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        finished = await until_done(job, request, kind)
-        if finished is None:  # the client went away
+        finished = await unless_disconnected(engine.result(job), request, f"{job.id} {kind}")
+        if finished is None:  # the client went away: its rows were released
             return JSONResponse(error_body("client disconnected"), status_code=499)
         log_request(job, kind, finished)
         return formatter.response(finished)
 
-    async def until_done(job: Job, request: Request, kind: str) -> Finished | None:
-        result = asyncio.ensure_future(engine.result(job))
+    async def unless_disconnected(work, request: Request, what: str):
+        """The result of the coroutine `work`, or None when the client goes away first (`work` is then
+        cancelled: the engine drops the request's rows or call)."""
+        result = asyncio.ensure_future(work)
         try:
             while True:
                 done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
                 if done:
                     return result.result()
                 if await request.is_disconnected():
-                    engine.cancel(job)
-                    log.info("%s %s: client disconnected", job.id, kind)
+                    log.info("%s: client disconnected", what)
                     return None
         finally:
             result.cancel()
@@ -213,6 +217,7 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
             log_request(job, kind, finished)
         except DiffutronError as error:  # the model failed on this batch, or the server is stopping
             yield sse(error_body(str(error), "server_error"))
+            yield DONE
         finally:
             if finished is None:  # the client went away mid-stream: free its rows at the next step
                 engine.cancel(job)
@@ -235,14 +240,15 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
         }
 
     @app.post("/v1/score", dependencies=v1)
-    async def score(body: schemas.ScoreRequest) -> dict:
-        from diffutron.evaluate import evaluate
+    async def score(body: schemas.ScoreRequest, request: Request):
+        from diffutron.serve.scoring import score_slices, work_budget
 
         check_model(body.model)
-        texts = body.texts()
-        result = await engine.call(lambda: evaluate(lm, texts, **body.options()))
-        if not result.tokens:
-            raise schemas.BadRequest("the text has no tokens to score", "text")
+        texts, budget = body.texts(), work_budget(lm)
+        work = engine.call(lambda: score_slices(lm, texts, body.options(), budget))
+        result = await unless_disconnected(work, request, "score")
+        if result is None:  # the client went away: the engine dropped the call
+            return JSONResponse(error_body("client disconnected"), status_code=499)
         log.info("score texts=%d tokens=%d seconds=%.2f", len(texts), result.tokens, result.seconds)
         return {"object": "diffutron.score", "model": model_id, **result.to_dict()}
 
@@ -283,6 +289,10 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, error: EngineError) -> JSONResponse:
         return reply(request, 500, error_body(str(error), "server_error"))
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, error: Unavailable) -> JSONResponse:
+        return reply(request, 503, error_body(str(error), "server_error", code="unavailable"))
 
     @app.exception_handler(DiffutronError)
     async def failure(request: Request, error: DiffutronError) -> JSONResponse:

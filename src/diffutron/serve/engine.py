@@ -2,24 +2,31 @@
 when they finish, sharing each forward pass.
 
 One thread owns the model. Between two steps it prepares the new requests (tokenizer, canvas, the
-sampler's own checks), drops the rows of clients that went away, runs at most one other model call
-(fill-mask, scoring), admits waiting requests while the batch has room, and runs one step. Rows
-whose `(mode, config.batch_key())` are equal share a `Denoiser`; groups with different keys take
+sampler's own checks), drops the rows of clients that went away, runs one slice of at most one other
+model call (fill-mask in one slice; scoring a forward pass at a time, so streams keep moving), admits
+waiting requests while the batch has room, and runs one step. Rows whose `(mode, config.batch_key())`
+are equal share a `Denoiser`; groups with different keys take
 turns step by step, so no group waits for another to finish. A row's tokens do not depend on its
 neighbours (the sampler's counter-based random numbers), so a request gets the same text alone or
 in company. Each request hears about its rows through an asyncio queue on its own event loop: the
 event loop never waits on torch.
+
+When the thread stops, every request it holds or has not yet taken gets an error: a stop asked for
+(`stop`: "the server is shutting down", 503) or a bug in the loop itself (500 for the requests in
+flight, 503 for any after; `failure` is set and `on_failure` called, so the process can exit non-zero).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +42,11 @@ class QueueFull(DiffutronError):
 
 
 class EngineError(DiffutronError):
-    """The model failed on a batch, or the server is shutting down (HTTP 500 / 503)."""
+    """The model failed on a batch, or the engine stopped while the request was in it (HTTP 500)."""
+
+
+class Unavailable(EngineError):
+    """The engine takes no more requests: the server is shutting down, or the engine stopped (HTTP 503)."""
 
 
 @dataclass
@@ -102,6 +113,24 @@ class Job:
     _steps: int = 0
 
 
+@dataclass(eq=False)
+class Call:
+    """A model call between two steps: fn() returns its value, or a generator run one slice per loop
+    (each next() one slice; its return value is the call's)."""
+
+    fn: Callable[[], object]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    slices: Generator | None = None
+    cancelled: bool = False  # the caller went away: dropped at the next slice
+
+    def close(self) -> None:
+        """A sliced call left unfinished cleans up now, not at interpreter exit."""
+        if self.slices is not None:
+            with contextlib.suppress(Exception):
+                self.slices.close()
+
+
 class Engine:
     """The batching loop in its own thread. `submit`, `events`, `cancel` and `call` are for the event loop."""
 
@@ -115,33 +144,71 @@ class Engine:
         self._calls: deque = deque()
         self._cancelled: set[str] = set()
         self._queued = 0  # jobs and calls submitted but not yet running
-        self._closed = False
-        # the engine thread's own
+        self._closed = False  # the thread is to stop (it fails what it holds)
+        self._refusal: str | None = None  # why new requests are refused (503), once they are
+        self._asleep = False  # the thread waits with nothing to do
+        self.failure: BaseException | None = None  # what stopped the thread, when a bug did
+        self.on_failure: Callable[[], None] | None = None  # called from the thread after a failure
+        # the engine thread's own (read by _close once the thread has stopped)
+        self._incoming: list[Job] = []  # taken from the inbox, being prepared
+        self._task: Call | None = None  # the call running slice by slice
         self._waiting: deque[Job] = deque()
         self._groups: dict[tuple, Denoiser] = {}
         self._jobs: dict[str, Job] = {}
         self._rows = 0
         self._turn = 0
         self._pieces: dict[int, str] = {}
-        self.stats = {"requests": 0, "steps": 0, "forward_passes": 0, "rows_stepped": 0, "cancelled_rows": 0}
+        self.stats = {
+            "requests": 0,
+            "steps": 0,
+            "forward_passes": 0,
+            "rows_stepped": 0,
+            "cancelled_rows": 0,
+            "calls": 0,
+            "call_slices": 0,
+            "cancelled_calls": 0,
+        }
         self._thread = threading.Thread(target=self._run, name="diffutron-engine", daemon=True)
 
     # -- the event loop's side -----------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
+    def refuse(self, reason: str = "the server is shutting down") -> None:
+        """Take no more requests (503 `reason`). The rows already here go on; calls not yet answered get the
+        503 at the next slice (a score may need minutes, a completion usually a few seconds)."""
+        with self._lock:
+            self._refusal = self._refusal or reason
+            self._lock.notify()
+
     def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, fail every one still here at the end of the current step or slice, and wait
+        up to `timeout` seconds for the thread."""
+        self.refuse()
         with self._lock:
             self._closed = True
             self._lock.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: no request or call submitted and unanswered (or the thread has stopped)."""
+        with self._lock:
+            stopped = self._thread.ident is not None and not self._thread.is_alive()
+            return stopped or (self._asleep and not (self._inbox or self._calls or self._cancelled))
+
+    @property
+    def state(self) -> str:
+        """`ok`, `stopping` (refusing new requests) or `failed` (the thread stopped on a bug)."""
+        return "failed" if self.failure is not None else "stopping" if self._refusal else "ok"
+
     def status(self) -> dict:
         return {
             **self.stats,
             "active_rows": self._rows,
             "active_requests": len(self._jobs),
+            "active_calls": int(self._task is not None),
             "queued": self._queued,
             "groups": len(self._groups),
             "max_batch": self.max_batch,
@@ -150,8 +217,8 @@ class Engine:
 
     def _enqueue(self) -> None:
         """Count one more waiting request, or refuse it (call under _lock)."""
-        if self._closed:
-            raise EngineError("the server is shutting down")
+        if self._refusal or self._closed:
+            raise Unavailable(self._refusal or "the server is shutting down")
         if self._queued >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
         self._queued += 1
@@ -182,9 +249,14 @@ class Engine:
                 return
 
     async def result(self, job: Job) -> Finished:
-        async for item in self.events(job):
-            if isinstance(item, Finished):
-                return item
+        """The job's Finished; cancelling the wait releases the job's rows."""
+        try:
+            async for item in self.events(job):
+                if isinstance(item, Finished):
+                    return item
+        except asyncio.CancelledError:
+            self.cancel(job)
+            raise
         raise EngineError("the request ended without a result")  # pragma: no cover
 
     def cancel(self, job: Job) -> None:
@@ -196,42 +268,73 @@ class Engine:
             self._lock.notify()
 
     async def call(self, fn: Callable[[], object]):
-        """Run fn() on the engine thread between two steps (one model call at a time)."""
+        """Run fn() on the engine thread between two steps (one model call at a time). When fn() returns a
+        generator, each next() is one slice, run between two steps, and the generator's return value is
+        the result. Cancelling the wait drops the call at its next slice."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        call = Call(fn, loop.create_future(), loop)
         with self._lock:
             self._enqueue()
-            self._calls.append((fn, future, loop))
+            self._calls.append(call)
             self._lock.notify()
-        return await future
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            with self._lock:
+                call.cancelled = True
+                self._lock.notify()
+            raise
 
     # -- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         try:
             self._work()
-        except Exception:  # pragma: no cover -- a bug: say so and let every waiting request know
+            error = Unavailable("the server is shutting down")
+        except BaseException as failure:  # a bug in the loop: every request here and after gets an error
             log.exception("the engine stopped")
+            self.failure = failure
+            self.refuse(f"the engine stopped on an internal error ({type(failure).__name__}); the server is stopping")
+            error = EngineError(f"the engine stopped: {type(failure).__name__}: {failure}")
         with self._lock:
             self._closed = True
-        self._close()
+        self._close(error)
+        if self.failure is not None and self.on_failure is not None:
+            self.on_failure()
 
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not (self._inbox or self._calls or self._cancelled or self._groups or self._closed):
+                # jobs waiting for room count as work: once the batch empties, nothing else would admit them
+                while not (
+                    self._inbox
+                    or self._calls
+                    or self._cancelled
+                    or self._groups
+                    or self._waiting
+                    or self._task
+                    or self._closed
+                ):
+                    self._asleep = True
                     self._lock.wait()
+                self._asleep = False
                 if self._closed:
                     break
-                inbox, self._inbox = self._inbox, []
+                self._incoming, self._inbox = self._incoming + self._inbox, []
                 cancelled, self._cancelled = self._cancelled, set()
-                call = self._calls.popleft() if self._calls else None
-                if call:
+                while self._task is None and self._calls:  # the next call not given up by its caller
+                    self._task = self._calls.popleft()
                     self._queued -= 1
-            for job in inbox:
-                self._prepare(job)
+                    if self._task.cancelled:
+                        self._task = None
+                        self.stats["cancelled_calls"] += 1
+            while self._incoming:
+                self._prepare(self._incoming[0])
+                self._incoming.pop(0)
             self._cancel(cancelled)
-            if call:
-                self._call(*call)
+            if self._refusal and self._task is not None:
+                self._drop_calls()
+            if self._task is not None:
+                self._slice()
             self._admit()
             if self._groups:
                 self._step()
@@ -277,14 +380,45 @@ class Engine:
                 del self._groups[job._group]
             log.info("%s cancelled: %d rows released", job.id, len(keys))
 
-    def _call(self, fn, future, loop) -> None:
+    def _slice(self) -> None:
+        """One slice of the running call: all of a plain call, one next() of a sliced one."""
+        call = self._task
+        if call.cancelled:
+            call.close()
+            self._task = None
+            self.stats["cancelled_calls"] += 1
+            log.info("a call was cancelled: its caller went away")
+            return
+        self.stats["call_slices"] += 1
         try:
-            value = fn()
+            if call.slices is None:
+                value = call.fn()
+                if not inspect.isgenerator(value):
+                    return self._answer(call, value)
+                call.slices = value
+            next(call.slices)
+        except StopIteration as end:
+            self._answer(call, end.value)
         except Exception as error:  # noqa: BLE001 -- handed to the caller
             if not isinstance(error, DiffutronError):
                 log.exception("a model call failed")
-            value = error
-        _deliver(loop, _resolve, future, value)
+            self._answer(call, error)
+
+    def _drop_calls(self) -> None:
+        """Refusing: the running call and those waiting get the 503."""
+        with self._lock:
+            calls = [self._task, *self._calls]
+            self._queued -= len(self._calls)
+            self._calls.clear()
+        self._task.close()
+        error = Unavailable(self._refusal)
+        for call in calls:
+            self._answer(call, error)
+
+    def _answer(self, call: Call, value) -> None:
+        self._task = None
+        self.stats["calls"] += 1
+        _deliver(call.loop, _resolve, call.future, value)
 
     def _admit(self) -> None:
         """Waiting jobs join the batch, oldest first, while it has room."""
@@ -422,20 +556,29 @@ class Engine:
         job.done = True
         _deliver(job._loop, _put_all, job._events, [error])
 
-    def _close(self) -> None:
-        """Shutting down: every request still here gets an error."""
-        error = EngineError("the server is shutting down")
-        for job in list(self._jobs.values()):
-            self._fail(job, error)
-        self._groups.clear()
+    def _close(self, error: EngineError) -> None:
+        """The thread has stopped: every request and call it holds or has not yet taken gets `error` (those
+        not yet taken, a 503). Nothing here may fail, or a client would wait for good."""
+        unavailable = Unavailable(self._refusal or "the server is shutting down")
         with self._lock:
-            pending = list(self._waiting) + self._inbox
+            inbox, self._inbox = self._inbox, []
             calls = list(self._calls)
-        for job in pending:
-            _deliver(job._loop, _resolve, job._accepted, error)
-            _deliver(job._loop, _put_all, job._events, [error])
-        for _, future, loop in calls:
-            _deliver(loop, _resolve, future, error)
+            self._calls.clear()
+        running = [*self._jobs.values(), *self._waiting, *self._incoming]
+        for job in running + inbox:
+            reply = error if job in running else unavailable
+            job.done = True
+            _deliver(job._loop, _resolve, job._accepted, reply)
+            _deliver(job._loop, _put_all, job._events, [reply])
+        if self._task is not None:
+            _deliver(self._task.loop, _resolve, self._task.future, error)
+            self._task.close()
+        for call in calls:
+            _deliver(call.loop, _resolve, call.future, unavailable)
+        self._jobs.clear()
+        self._groups.clear()
+        self._waiting.clear()
+        self._incoming, self._task, self._rows = [], None, 0
 
 
 def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
