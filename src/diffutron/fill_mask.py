@@ -15,6 +15,7 @@ from diffutron.errors import UsageError
 
 PLACEHOLDER = "<mask>"
 SPAN = re.compile(r"<mask(?:\*(\d+))?>")
+DEFAULT_TOP_K = 5
 
 
 @dataclass
@@ -22,10 +23,11 @@ class Candidate:
     token: str  # the decoded token, with its leading space if it has one
     token_id: int
     prob: float
-    sequence: str  # the text with this token at this mask (other masks left as placeholders)
+    sequence: str | None = None  # the text with this token at this mask (other masks left as placeholders)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Without `sequence` when it was not asked for."""
+        return {k: v for k, v in asdict(self).items() if k != "sequence" or v is not None}
 
 
 def encode_with_masks(lm, text: str) -> list[int]:
@@ -47,14 +49,21 @@ def encode_with_masks(lm, text: str) -> list[int]:
     return ids
 
 
+def count_masks(lm, text: str) -> int:
+    """How many masks `text` asks for, without tokenising it (cheap, for a limit checked up front)."""
+    own = lm.tokenizer.mask_token
+    return sum(_count(m) for m in SPAN.finditer(text)) + SPAN.sub("\0", text).count(own)
+
+
 def _count(match: re.Match) -> int:
     digits = match.group(1)
     return 1 if digits is None else int(digits) if len(digits) <= 18 else 10**18  # no 4,300-digit int()
 
 
 @torch.no_grad()
-def fill_mask(lm, text: str, top_k: int = 5) -> list[list[Candidate]]:
-    """For each mask of `text`, in order, its `top_k` candidates with their probabilities."""
+def fill_mask(lm, text: str, top_k: int = DEFAULT_TOP_K, sequences: bool = True) -> list[list[Candidate]]:
+    """For each mask of `text`, in order, its `top_k` candidates with their probabilities, and with
+    `sequences` the text with each in place (a decoding of the whole text per candidate)."""
     if top_k < 1:
         raise UsageError(f"top-k must be at least 1, got {top_k}")
     ids = torch.tensor([encode_with_masks(lm, text)], device=lm.device)
@@ -66,17 +75,12 @@ def fill_mask(lm, text: str, top_k: int = 5) -> list[list[Candidate]]:
     for mask_index, column in enumerate(mask_columns):
         candidates = []
         for prob, token_id in zip(top.values[mask_index].tolist(), top.indices[mask_index].tolist(), strict=True):
-            filled = ids[0].clone()
-            filled[column] = token_id
-            sequence = lm.tokenizer.decode(filled, skip_special_tokens=False)
-            candidates.append(
-                Candidate(
-                    token=lm.tokenizer.decode([token_id]),
-                    token_id=token_id,
-                    prob=prob,
-                    sequence=_strip_specials(lm, sequence),
-                )
-            )
+            candidate = Candidate(token=lm.tokenizer.decode([token_id]), token_id=token_id, prob=prob)
+            if sequences:
+                filled = ids[0].clone()
+                filled[column] = token_id
+                candidate.sequence = _strip_specials(lm, lm.tokenizer.decode(filled, skip_special_tokens=False))
+            candidates.append(candidate)
         results.append(candidates)
     return results
 

@@ -256,6 +256,11 @@ def display_name(name: str) -> str:
     return str(folder) if folder is not None and folder != path else name
 
 
+def is_local(name: str) -> bool:
+    """Whether a model name is a local path: a hub id is "org/name", anything else that looks like a path is one."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+
+
 def model_folder(source: str | Path) -> Path | None:
     """The model folder inside a run (final/, else the newest checkpoint's model/), a checkpoint or a
     model folder itself; None if there is none."""
@@ -274,14 +279,12 @@ def _load_hf(cls, name_or_path: str, trust_remote_code: bool, name: str = "") ->
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = Path(name_or_path)
-    # A hub id is "org/name": anything else that looks like a path is treated as one.
-    looks_local = (
-        path.exists()
-        or name_or_path.startswith((".", "/", "~"))
-        or name_or_path.endswith("/")
-        or name_or_path.count("/") > 1
-    )
+    looks_local = is_local(name_or_path)
     if looks_local:
+        if path.exists() and not path.is_dir():
+            raise DiffutronError(
+                f"{name_or_path} is not a model folder: it is a file (a model folder holds config.json)"
+            )
         if not path.is_dir():
             raise DiffutronError(f"model folder not found: {name_or_path}")
         if (path / "adapter_config.json").is_file():

@@ -22,6 +22,15 @@ def serve(
     ),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="rows denoised together at most (all requests)"),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests waiting at most; more get HTTP 429"),
+    allowed_hosts: str | None = typer.Option(
+        None,
+        "--allowed-hosts",
+        help="Host names to answer besides localhost, 127.0.0.1, [::1] (comma-separated; '*.example.com' for its "
+        "subdomains, '*' for any) [default: only those on a loopback --host, any elsewhere]",
+    ),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="the model's id in the API [default: its name; a local folder's own name]"
+    ),
     device: str | None = DeviceOpt,
 ) -> None:
     """Serve MODEL over HTTP: OpenAI-compatible completions and chat with the denoising streamed,
@@ -32,9 +41,12 @@ def serve(
     except ImportError:
         raise DiffutronError("diffutron serve needs the serve extra: pip install 'diffutron[serve]'") from None
     from diffutron.serve import bind, create_app, run
+    from diffutron.serve.app import trusted_hosts
     from diffutron.serve.server import url
 
+    extra_hosts = [name.strip().lower() for name in (allowed_hosts or "").split(",") if name.strip()]
     sock = bind(host, port)  # before the model loads: a port in use fails at once
+    hosts = trusted_hosts(sock.getsockname()[0], extra_hosts)
     lm = load_model(model, device)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -47,4 +59,12 @@ def serve(
             soft_wrap=True,
         )
     err.print(f"serving {lm.name} at {url(sock)}  (web page at /, OpenAI API at /v1; Ctrl-C stops)", soft_wrap=True)
-    run(create_app(lm, api_key=api_key, max_batch=max_batch, max_queue=max_queue), sock)
+    app = create_app(
+        lm,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        allowed_hosts=hosts,
+        model_name=served_model_name,
+    )
+    run(app, sock)

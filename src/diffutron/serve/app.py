@@ -5,7 +5,9 @@ Every model call goes through the engine's thread (engine.py): the request handl
 check and format. Errors are OpenAI's error object: 400 for a bad request (malformed JSON, a bad
 setting, a prompt that does not fit), 401 for a missing or wrong key, 404 for an unknown model or
 path, 413 for a body over the limit, 429 when the queue is full, 500 when the model fails, 503 when
-the server is shutting down or its engine stopped (then `/health` is a 503 too).
+the server is shutting down or its engine stopped (then `/health` is a 503 too). Two answers come from
+below the app, as plain text: uvicorn's 400 for a request it cannot parse (a bad Content-Length, ...),
+and the 400 "Invalid host header" of a Host outside the allowed names.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.serve import schemas
@@ -32,6 +38,9 @@ log = logging.getLogger("diffutron.serve")
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused before it is read (413)
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+# Host names that reach a loopback server only from this machine: a web page elsewhere cannot make a
+# browser send them (DNS rebinding sends the attacker's own name), so they are always allowed.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 class ApiError(Exception):
@@ -40,11 +49,24 @@ class ApiError(Exception):
         self.status, self.kind, self.code, self.param = status, kind, code, param
 
 
-def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64) -> FastAPI:
-    """The app serving `lm`; its engine thread starts and stops with the app (lifespan)."""
+def create_app(
+    lm,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    allowed_hosts: Sequence[str] | None = None,
+    model_name: str | None = None,
+) -> FastAPI:
+    """The app serving `lm`; its engine thread starts and stops with the app (lifespan). `allowed_hosts`:
+    the Host names it answers (`trusted_hosts` gives them for an address; None: any). `model_name`: the
+    id it serves the model under [default: `served_name(lm.name)`]."""
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
-    model_id = lm.name or "diffutron"
+    model_id = model_name or served_name(lm.name)
     created = int(time.time())
+    max_text_chars = lm.context_length * schemas.longest_token_chars(lm.tokenizer)
+
+    def check_fits(texts: list[str], param: str) -> None:
+        schemas.check_fits(texts, max_text_chars, lm.context_length, param)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,13 +80,18 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
     app = FastAPI(title="diffutron", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    if allowed_hosts is not None:  # added last: the outermost check, before any body is read
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     _error_handlers(app)
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if api_key is None:
-            return
+            return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise ApiError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY'",
@@ -90,9 +117,11 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
         return HTMLResponse(html)
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        state = engine.state  # "ok", or "stopping" / "failed": a 503, so that a supervisor or balancer moves on
-        body = {"status": state, "model": model_id, **engine.status()}
+    async def health(request: Request) -> JSONResponse:
+        """Up or down for anyone; the model and the engine's counters only with the key (when one is set).
+        Not "ok" ("stopping" / "failed") is a 503, so that a supervisor or balancer moves on."""
+        state = engine.state
+        body = {"status": state, "model": model_id, **engine.status()} if authorized(request) else {"status": state}
         return JSONResponse(body, status_code=200 if state == "ok" else 503)
 
     def model_card() -> dict:
@@ -114,23 +143,25 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
         return model_card()
 
     # -- generation --------------------------------------------------------------------------
-    async def run_generation(body: schemas.Generation, request: Request, prompts: int, rows_of, chat: bool):
-        """Completions and chat: `rows_of()` gives the `prompts` prompt texts, on the engine thread."""
+    async def run_generation(body: schemas.Generation, request: Request, prompts: list[str], chat: bool):
+        """Completions and chat: the prompt texts are tokenised on the engine thread."""
         check_model(body.model)
         body.refuse_unsupported()
         config = body.generation_config()
         max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens) or schemas.DEFAULT_MAX_TOKENS
-        if prompts * body.n > engine.max_batch:  # checked before any list of rows is built
+        if len(prompts) * body.n > engine.max_batch:  # checked before any list of rows is built
             raise schemas.BadRequest(
-                f"the request asks for {prompts * body.n} rows (prompts x n), more than --max-batch {engine.max_batch}",
+                f"the request asks for {len(prompts) * body.n} rows (prompts x n), more than --max-batch "
+                f"{engine.max_batch}",
                 "n",
             )
         schemas.check_steps(config.steps, max_tokens, "max_tokens")
+        if not config.truncate_prompt:  # a prompt to truncate may be long: its end is kept
+            check_fits(prompts, "messages" if chat else "prompt")
 
         def prepare() -> Prepared:
             from diffutron.sampling import generation_canvas
 
-            prompts = rows_of()
             rows = [p for p in prompts for _ in range(body.n)]
             canvas = generation_canvas(lm, rows, max_tokens, truncate_prompt=config.truncate_prompt, frame=config.frame)
             prefix = len(lm.special_affixes[0])
@@ -144,21 +175,23 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: schemas.CompletionRequest, request: Request):
-        prompts = body.prompts()
-        return await run_generation(body, request, len(prompts), lambda: prompts, chat=False)
+        return await run_generation(body, request, body.prompts(), chat=False)
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: schemas.ChatRequest, request: Request):
         from diffutron.data.sft import render_prompt
 
-        messages = body.rendered_messages()
-        return await run_generation(body, request, 1, lambda: [render_prompt(lm.tokenizer, messages)], chat=True)
+        # rendered here, not on the engine thread: its length is checked before any tokenising (a chat
+        # template only formats text; the plain one keeps the user turns only)
+        prompt = render_prompt(lm.tokenizer, body.rendered_messages())
+        return await run_generation(body, request, [prompt], chat=True)
 
     @app.post("/v1/infill", dependencies=v1)
     async def infill(body: schemas.InfillRequest, request: Request):
         check_model(body.model)
         texts = body.texts()
         config = body.sampling_config("infill")
+        check_fits(texts, "text")
 
         def prepare() -> Prepared:
             from diffutron.sampling import infill_canvas
@@ -226,12 +259,17 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
     # -- one-forward calls ---------------------------------------------------------------------
     @app.post("/v1/fill-mask", dependencies=v1)
     async def fill_mask(body: schemas.FillMaskRequest) -> dict:
+        from diffutron.fill_mask import DEFAULT_TOP_K, count_masks
         from diffutron.fill_mask import fill_mask as top_candidates
 
         check_model(body.model)
-        options = {} if body.top_k is None else {"top_k": body.top_k}
+        check_fits([body.text], "text")
+        top_k = body.top_k or DEFAULT_TOP_K
+        asked = count_masks(lm, body.text)
+        body.check_candidates(asked, top_k)
+        sequences = body.sequences if body.sequences is not None else asked == 1
         started = time.perf_counter()
-        masks = await engine.call(lambda: top_candidates(lm, body.text, **options))
+        masks = await engine.call(lambda: top_candidates(lm, body.text, top_k, sequences=sequences))
         log.info("fill-mask masks=%d seconds=%.3f", len(masks), time.perf_counter() - started)
         return {
             "object": "diffutron.fill_mask",
@@ -255,6 +293,40 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
     return app
 
 
+def served_name(name: str) -> str:
+    """The id a model is served under: its name (shipped, hub id, preset), or for a local folder the
+    folder's own name (a run's `final/`, a checkpoint's `model/`: the folder above), never a local path."""
+    from diffutron.model import is_local
+
+    if not name or not is_local(name):
+        return name or "diffutron"
+    parts = Path(name).expanduser().resolve().parts
+    return next((part for part in reversed(parts) if part not in ("final", "model", "/")), "diffutron")
+
+
+def trusted_hosts(address: str, extra: Sequence[str] = ()) -> list[str] | None:
+    """The Host names a server listening on `address` answers (None: any). On a loopback address only
+    the loopback names and `extra` (a page elsewhere could otherwise reach it through a name that its
+    DNS rebinds to 127.0.0.1); elsewhere any, unless `extra` names some. `*` in `extra`: any; `*.NAME`: NAME's
+    subdomains. A name has no port (any port is accepted)."""
+    for name in extra:
+        if "*" in name[1:] or (name.startswith("*") and name != "*" and not name.startswith("*.")):
+            raise UsageError(f"allowed host {name!r}: a wildcard is only '*' or '*.example.com' (a leading '*.')")
+        if ":" in name.removeprefix("[").split("]")[-1] or not name.strip() or "/" in name:
+            raise UsageError(
+                f"allowed host {name!r}: give a host name or address without a port or scheme (IPv6 in brackets)"
+            )
+    if "*" in extra:
+        return None
+    try:
+        loopback = ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = address == "localhost"
+    if not loopback and not extra:
+        return None
+    return [*LOOPBACK_NAMES, *extra]
+
+
 def log_request(job: Job, kind: str, finished: Finished | None) -> None:
     """The one line per request: id, tokens, steps, seconds."""
     if finished is None:
@@ -275,6 +347,11 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        if request.method == "POST" and not is_json(content_type):  # FastAPI then passes the raw bytes on
+            got = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+            message = f"the body is read as JSON only with 'Content-Type: application/json' (this request has {got})"
+            return reply(request, 400, error_body(message))
         message, param = validation_message(error.errors())
         return reply(request, 400, error_body(message, param=param))
 
@@ -321,6 +398,8 @@ def validation_message(errors) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    if first.get("type") == "lone_surrogate":
+        return first["msg"], first["ctx"]["field"]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
     where = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -333,6 +412,12 @@ def validation_message(errors) -> tuple[str, str | None]:
         expected = " or ".join(str(e["loc"][-1]) for e in members)
         return f"{'.'.join(where)}: expected {expected}", ".".join(where) or None
     return f"{'.'.join(where) or 'body'}: {first['msg']}", ".".join(where) or None
+
+
+def is_json(content_type: str | None) -> bool:
+    """As FastAPI reads a body as JSON: application/json or application/*+json."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 class BodyLimit:

@@ -9,13 +9,15 @@ that have no meaning for a diffusion model, refused with a reason instead of ign
 from __future__ import annotations
 
 import typing
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 from diffutron.errors import UsageError
+from diffutron.fill_mask import SPAN
 from diffutron.sampling import SamplingConfig, user_config
-from diffutron.sampling.config import FIELDS, MAX_NEW_TOKENS
+from diffutron.sampling.config import FIELDS, MAX_NEW_TOKENS, MAX_SEED
 
 DEFAULT_MAX_TOKENS = MAX_NEW_TOKENS  # max_tokens when a request leaves it out, as in generate() and the CLI
 MAX_STOPS, MAX_STOP_CHARS = 16, 200
@@ -23,6 +25,10 @@ MAX_STOPS, MAX_STOP_CHARS = 16, 200
 # These caps keep the wait to a few seconds on a CPU with the shipped model.
 MAX_SCORE_CHARS, MAX_SCORE_SAMPLES, MAX_ELBO_SAMPLES = 10_000, 8, 64
 MAX_FILL_MASK_TOP_K = 100
+# masks x top_k: each candidate is a row of the answer (and, with sequences, a decoded copy of the text)
+MAX_FILL_MASK_CANDIDATES = 1_000
+# One rule for every seed of the API: the sampler's generators are int64 (sampling/rng.py)
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class BadRequest(UsageError):
@@ -41,6 +47,31 @@ def one_or_more(value: str | list[str], field: str) -> list[str]:
     return values
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest entry of the vocabulary. A byte-level
+    BPE entry (ModernBERT's, the shipped model's) has one character per byte of the text it stands for,
+    a SentencePiece entry one per character (a byte-fallback `<0x..>` six for one byte): never fewer
+    characters than it covers. Added tokens (`[MASK]`) are in the vocabulary under their own text."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def check_fits(texts: list[str], max_chars: int, context: int, param: str) -> None:
+    """Refuse, before any tokenising (on the engine thread, where it would stall every running request),
+    a text that cannot fit the context whatever its tokens: over `max_chars` = context x the longest
+    token's characters, it has more than `context` tokens. `<mask*N>` placeholders are not counted (they
+    are masks, counted apart). Holds for tokenizers whose tokens cover every character of the text (BPE,
+    SentencePiece); one whose normaliser drops characters or that writes one [UNK] for a whole unknown
+    word could fit a longer text, which is refused all the same."""
+    for text in texts:
+        chars = len(SPAN.sub("", text)) if "<mask" in text else len(text)
+        if chars > max_chars:
+            raise BadRequest(
+                f"{param} is {chars:,} characters long: more than the model's context of {context} tokens can "
+                f"hold (at most {max_chars:,} characters with this tokenizer)",
+                param,
+            )
+
+
 def check_steps(steps: int | None, tokens: int, what: str) -> None:
     """More steps than tokens to reveal would only add steps that reveal nothing, while holding a row of
     the batch: refused."""
@@ -54,6 +85,21 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_only(cls, data):
+        """JSON may carry a lone surrogate (`"\\ud800"`), which is no text: the tokenizer, or the UTF-8 of an
+        answer quoting it, would fail on it later. Refused here, for every string and key of the body."""
+        found = lone_surrogate(data)
+        if found is not None:
+            what, field, char = found
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{what} is not valid Unicode: it holds a lone surrogate ({char})",
+                {"what": what, "field": field or None, "char": char},
+            )
+        return data
 
 
 class SamplingFields(Body):
@@ -73,8 +119,11 @@ _NOT_FIELDS = {"stop", "stop_at_eos", "history"}
 _GENERATION_ONLY = {"block_length", "frame", "ban_eos", "truncate_prompt"}
 
 
+_TYPES = {"seed": Seed}  # request fields held to the API's own rule, before user_config's
+
+
 def _settings(leave_out: set[str]) -> dict:
-    return {name: (_HINTS[name] | None, None) for name in FIELDS if name not in leave_out}
+    return {name: (_TYPES.get(name, _HINTS[name]) | None, None) for name in FIELDS if name not in leave_out}
 
 
 GenerationSampling = create_model("GenerationSampling", __base__=SamplingFields, **_settings(_NOT_FIELDS))
@@ -187,6 +236,16 @@ class InfillRequest(InfillSampling):
 class FillMaskRequest(Body):
     text: str
     top_k: int | None = Field(None, ge=1, le=MAX_FILL_MASK_TOP_K)
+    # each candidate's `sequence` (the text with it in place): by default only for a text with one mask
+    sequences: bool | None = None
+
+    def check_candidates(self, masks: int, top_k: int) -> None:
+        if masks * top_k > MAX_FILL_MASK_CANDIDATES:
+            raise BadRequest(
+                f"the text has {masks} masks: with top_k {top_k} that is {masks * top_k:,} candidates, more than "
+                f"{MAX_FILL_MASK_CANDIDATES:,} (fewer masks or a smaller top_k)",
+                "top_k" if self.top_k is not None else "text",
+            )
 
 
 class ScoreRequest(Body):
@@ -194,7 +253,7 @@ class ScoreRequest(Body):
     mask_ratio: float | None = None  # the PPL's mask ratio [default: evaluate's]
     samples: int | None = Field(None, ge=1, le=MAX_SCORE_SAMPLES)  # passes with fresh masks; 2+ give a standard error
     elbo_samples: int | None = Field(None, ge=0, le=MAX_ELBO_SAMPLES)  # strata of the ELBO bound; 0 skips it
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | None = None
 
     def texts(self) -> list[str]:
         texts = one_or_more(self.text, "text")
@@ -207,3 +266,25 @@ class ScoreRequest(Body):
     def options(self) -> dict:
         """The given options of `evaluate` (the others keep evaluate's defaults)."""
         return {k: v for k in ("mask_ratio", "samples", "elbo_samples", "seed") if (v := getattr(self, k)) is not None}
+
+
+def lone_surrogate(value, where: str = "") -> tuple[str, str, str] | None:
+    """The first string or key of a parsed JSON value with a lone surrogate: (what it is, its dotted
+    place, the surrogate escaped), or None."""
+    if isinstance(value, str):
+        return None if (char := _surrogate(value)) is None else (where or "body", where, char)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and (char := _surrogate(key)) is not None:
+            return f"a field name in {where or 'the body'}", where, char
+        if (found := lone_surrogate(item, f"{where}.{key}" if where else str(key))) is not None:
+            return found
+    return None
+
+
+def _surrogate(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return text[error.start].encode("unicode_escape").decode()
+    return None
