@@ -34,7 +34,7 @@ SKIP = {  # a piece of the line -> why it does not run here
     "pip install": "setup",
     "configs/data/diffutron-cpt.yaml": "the reference corpus streams from the Hugging Face Hub (network)",
     "jhu-clsp/": "a tokenizer from the Hub (network)",
-    "accelerate launch": "many GPUs; the two-process CPU run is in tests/test_train.py",
+    "accelerate launch": "several processes: tests/test_distributed.py launches every config and shape shown",
     "cetvel/": "a CETVEL checkout and its datasets (network)",
     "python -m diffutron.harness": "lm-eval's own CLI with placeholders; tests/test_harness.py runs it",
     "diffutron serve": "it blocks: tests/test_serve.py starts and stops it (the client examples get a server here)",

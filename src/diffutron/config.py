@@ -173,6 +173,9 @@ class OptimSection:
 class TrainSection:
     out: str = "runs/run"
     max_steps: int = 1000
+    # the run's length in tokens: when set, max_steps follows from it and the number of processes, so a
+    # recipe trains on as many tokens on 1 GPU as on 8
+    max_tokens: int | None = None
     batch_size: int = 8  # sequences per process per micro-batch
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -227,7 +230,8 @@ class TrainRecipe:
                 if isinstance(number, float) and not math.isfinite(number):
                     raise UsageError(f"{key} must be a finite number, got {number}")
         for key, interval in RANGES.items():
-            numbers = flat[key] if isinstance(flat[key], list) else [flat[key]]
+            value = flat[key]
+            numbers = value if isinstance(value, list) else [] if value is None else [value]
             for number in numbers:
                 if not _within(number, interval):
                     raise UsageError(f"{key} must be in {interval}, got {number!r}")
@@ -254,6 +258,7 @@ RANGES = {
     "optim.warmup_steps": "[0, inf)",
     "optim.warmup_ratio": "[0, 1)",
     "train.max_steps": "[1, inf)",
+    "train.max_tokens": "[1, inf)",
     "train.batch_size": "[1, inf)",
     "train.grad_accum": "[1, inf)",
     "train.max_grad_norm": "[0, inf)",  # 0: no clipping
@@ -272,6 +277,7 @@ RANGES = {
 RESUMABLE = (
     "train.out",
     "train.max_steps",
+    "train.max_tokens",
     "train.log_every",
     "train.eval_every",
     "train.save_every",

@@ -33,6 +33,14 @@ def train_(
     seed: int | None = typer.Option(None, "--seed"),
     settings: list[str] = typer.Option([], "--set", help="any recipe value, e.g. --set lora.r=8 (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="build everything, describe it, do not train"),
+    plan_run: bool = typer.Option(
+        False, "--plan", help="the run's tokens, steps, FLOPs; measured steps and the projected time (no training)"
+    ),
+    measure_steps: int = typer.Option(3, "--measure-steps", min=0, help="with --plan: steps to time (0: none)"),
+    processes: int | None = typer.Option(
+        None, "--processes", min=1, help="with --plan: processes (GPUs) to plan for [default: this launch's]"
+    ),
+    device: str | None = typer.Option(None, "--device", help="with --plan: where to time the steps (cpu, cuda)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Train: CPT (MDLM), MLM or SFT, LoRA or full; rerun the same command to resume."""
@@ -61,6 +69,8 @@ def train_(
         recipe = override(recipe, changes)
     except KeyError as e:
         raise UsageError(f"--set: unknown recipe key {e.args[0]!r}") from None
+    if plan_run:
+        return _plan(recipe, processes, measure_steps, device, as_json)
     with training_progress("step", recipe.train.max_steps) as (update, _):
         summary = train(recipe, progress=update, dry_run=dry_run)
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, one process reports
@@ -98,6 +108,36 @@ def train_(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _plan(recipe, processes: int | None, measure_steps: int, device: str | None, as_json: bool) -> None:
+    from diffutron.train.plan import plan
+
+    world = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    with err.status(f"planning: {measure_steps} measured steps" if measure_steps else "planning"):
+        result = plan(recipe, processes=world, measure=measure_steps, device=device)
+    if as_json:
+        return print_json(result)
+    lines = [
+        f"model {result['model']}: {result['params_total']:,} parameters, {result['params_trainable']:,} trained "
+        f"({result['trainable_percent']}%)",
+        f"run on {result['processes']} process(es): {result['steps']:,} steps x {result['tokens_per_step']:,} tokens "
+        f"= {result['tokens_total']:,} tokens"
+        + (f", {result['epochs']:.2f} epochs of {result['sequences']:,} sequences" if result["epochs"] else ""),
+        f"{result['flops_per_token'] / 1e9:.3f} GFLOP per token (masked share {result['masked_share']:.3f}), "
+        f"{result['flops_total']:.3g} FLOPs in all",
+    ]
+    if "seconds_per_step" in result:
+        mfu = f", MFU {result['mfu']:.1%} of {result['peak_flops'] / 1e12:.3g} TFLOP/s" if result["mfu"] else ""
+        lines += [
+            f"measured on {result['device']} ({result['compute_dtype']}): {result['seconds_per_step']:.3f} s per step, "
+            f"{result['tokens_per_s']:,.0f} tokens/s per process, {result['achieved_flops'] / 1e12:.3g} TFLOP/s{mfu}, "
+            f"peak {result['peak_memory_mb']:,.0f} MB ({result['peak_memory_kind']})",
+            f"projected: {result['projected_hours']:.2f} h on {result['processes']} process(es), "
+            f"{result['device_hours']:.2f} device-hours",
+        ]
+    for line in lines:
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def _plain(value) -> str:

@@ -88,7 +88,11 @@ def build_model(
             raise UsageError(str(err).splitlines()[0]) from err
         lm.model.peft_config["default"].base_model_name_or_path = base_name
     if recipe.model.gradient_checkpointing:
-        lm.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf = lm.hf_model  # transformers >= 5.2x names it activation checkpointing (the old name warns)
+        if hasattr(hf, "activation_checkpointing_enable"):
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if recipe.lora.enabled:
             lm.model.enable_input_require_grads()
     return lm.train()

@@ -25,7 +25,7 @@ from diffutron.atomic import write_json
 from diffutron.config import TrainRecipe, flatten, to_dict
 from diffutron.errors import DiffutronError
 from diffutron.run_folder import RECIPE_FILE, RunLock, prune, read_state, recover, trim_metrics
-from diffutron.train import build, distributed
+from diffutron.train import build, distributed, plan
 from diffutron.train import state as run_state
 
 PRECISION_NAMES = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -139,10 +139,13 @@ def _describe(recipe: TrainRecipe, accelerator, precision: str) -> dict:
         build.check_one_batch(len(dataset), recipe, accelerator.num_processes)
         summary["max_length"] = int(dataset[0]["input_ids"].shape[-1])
         summary["sequences"] = len(dataset)
-    tokens_per_step = (
-        summary["max_length"] * recipe.train.batch_size * recipe.train.grad_accum * accelerator.num_processes
-    )
-    return summary | {"tokens_per_step": tokens_per_step, "total_tokens": tokens_per_step * recipe.train.max_steps}
+    shape = plan.run_shape(recipe, accelerator.num_processes, summary["max_length"], summary.get("sequences"))
+    return summary | {
+        "tokens_per_step": shape["tokens_per_step"],
+        "max_steps": shape["steps"],
+        "total_tokens": shape["tokens_total"],
+        "epochs": shape["epochs"],
+    }
 
 
 def _summary(recipe: TrainRecipe, lm, accelerator, precision: str) -> dict:
@@ -211,6 +214,7 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
     distributed.on_main_process(accelerator, start)
     accelerator.wait_for_everyone()
     distributed.check_shared_folder(accelerator, out)
+    recipe = plan.with_steps(recipe, accelerator.num_processes)  # train.max_tokens: steps for this launch
     checkpoint, resumed = run_state.resume_point(recipe, out)
     if resumed is not None:
         run_state.check_launch(resumed, accelerator, checkpoint)
@@ -255,8 +259,9 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "bad_steps": 0, "tokens": 0, "seconds": 0.0}
     state |= distributed.launch_shape(accelerator)
+    save_options, load_options = run_state.save_only_what_trains(accelerator, recipe.lora.enabled)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), **load_options)
         state |= resumed
         summary["resumed_from"] = checkpoint.name
     if recipe.train.trackers:
@@ -286,7 +291,9 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
     def save() -> Path:
         state["seconds"] = seconds_before + time.perf_counter() - started
         state["window"] = _saved_window(window)
-        return run_state.save_checkpoint(accelerator, model, raw_lm, out, state, recipe.train.keep_last, card())
+        return run_state.save_checkpoint(
+            accelerator, model, raw_lm, out, state, recipe.train.keep_last, card(), save_options
+        )
 
     if state["step"] == 0 and recipe.train.eval_every and eval_texts:  # the curve's starting point
         evaluate(0)

@@ -36,7 +36,31 @@ def save_model(lm, folder: Path, card: str | None, state_dict: dict | None = Non
         (folder / "README.md").write_text(card, encoding="utf-8")
 
 
-def save_checkpoint(accelerator, model, lm, out: Path, state: dict, keep_last: int, card: str) -> Path:
+def save_only_what_trains(accelerator, lora: bool) -> tuple[dict, dict]:
+    """With LoRA, checkpoints hold the trained weights (adapters), the optimizer, scheduler, RNG and data
+    position, not the frozen base: that is written once (the model the recipe names, or base/) and rebuilt
+    before a resume loads the rest. Returns the keyword arguments of accelerate's save_state and load_state.
+    Under FSDP accelerate writes its full sharded state (its FSDP saving has no such option)."""
+    from diffutron.train.distributed import DEEPSPEED, is_sharded
+
+    if not lora or is_sharded(accelerator):
+        return {}, {}
+    if accelerator.distributed_type.name == DEEPSPEED:
+        return {"exclude_frozen_parameters": True}, {"load_module_strict": False}
+
+    def keep_trained(models, weights, _folder) -> None:
+        for model, weight in zip(models, weights, strict=True):
+            trained = {name for name, param in model.named_parameters() if param.requires_grad}
+            for key in [key for key in weight if key not in trained]:
+                del weight[key]
+
+    accelerator.register_save_state_pre_hook(keep_trained)
+    return {}, {"strict": False}
+
+
+def save_checkpoint(
+    accelerator, model, lm, out: Path, state: dict, keep_last: int, card: str, save_options: dict
+) -> Path:
     """Write checkpoint-<step> atomically; every process takes part (accelerate's state is per process)."""
     from diffutron.train.distributed import full_model_state
 
@@ -45,7 +69,7 @@ def save_checkpoint(accelerator, model, lm, out: Path, state: dict, keep_last: i
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **save_options)
     weights = full_model_state(accelerator, model, lm)  # a collective under FSDP: every process calls it
     accelerator.wait_for_everyone()  # every process's RNG state is in before the folder is marked complete
     if accelerator.is_main_process:
