@@ -76,6 +76,12 @@ def _recipe(size: dict, **changes):
     )
 
 
+MEASURED = (
+    "seconds_per_step", "tokens_per_s", "achieved_flops", "peak_flops", "mfu", "peak_memory_mb", "peak_memory_kind",
+    "flops_per_token", "compute_dtype", "device", "params_total", "params_trainable",
+)  # fmt: skip
+
+
 def train_step(size: dict, device) -> dict:
     from diffutron.train.plan import plan
 
@@ -83,9 +89,7 @@ def train_step(size: dict, device) -> dict:
     for checkpointing in (False, True):
         recipe = _recipe(size, **{"model.gradient_checkpointing": checkpointing})
         result = plan(recipe, processes=1, measure=size["steps"], device=str(device), length=size["length"])
-        keep = ("seconds_per_step", "tokens_per_s", "achieved_flops", "peak_flops", "mfu", "peak_memory_mb",
-                "peak_memory_kind", "flops_per_token", "compute_dtype", "device", "params_total", "params_trainable")  # fmt: skip
-        rows["checkpointing" if checkpointing else "plain"] = {k: result[k] for k in keep}
+        rows["checkpointing" if checkpointing else "plain"] = {k: result[k] for k in MEASURED}
     return rows
 
 
@@ -215,7 +219,8 @@ def main() -> None:
         try:
             entry = {"ok": True, "result": runs[name]()}
         except Exception as error:  # noqa: BLE001 -- recorded; the other parts still run
-            entry = {"ok": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-2000:]}
+            failure = f"{type(error).__name__}: {error}"
+            entry = {"ok": False, "error": failure, "traceback": traceback.format_exc()[-2000:]}
         entry["seconds"] = round(time.perf_counter() - started, 1)
         report["parts"][name] = entry
         print(f"{name}: {'ok' if entry['ok'] else entry['error']} ({entry['seconds']} s)", flush=True)

@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-
 from cli_run import last_json, run
+
 from diffutron.config import load_config, override
 from diffutron.train import TrainRecipe, train
 from diffutron.train.plan import plan
