@@ -38,6 +38,7 @@ CASES = {
     ),
     "data_pipeline": ("--scales 1 --num-proc 1 --repeats 1", []),
     "task_pack_paired": ("--mc-num 1", []),
+    "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
 }
 
 

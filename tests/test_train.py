@@ -39,6 +39,10 @@ def _recipe(dataset, out, **changes):
     return override(TrainRecipe(), {**base, **changes})
 
 
+def _logged(out) -> list[dict]:
+    return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
 def _losses(out):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
@@ -109,7 +113,8 @@ def test_loss_decreases(dataset, tmp_path):
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(dataset, tmp_path_factory):
-    """The same 6-step LoRA run three ways: uninterrupted; killed (SIGKILL) after checkpoint-3; resumed."""
+    """The same 6-step LoRA run three ways: uninterrupted; killed (SIGKILL) after checkpoint-3; resumed. Losses
+    are logged every 4 steps: the resumed run's first window straddles the checkpoint."""
     root = tmp_path_factory.mktemp("resume")
     args = [
         "train",
@@ -123,7 +128,7 @@ def killed_and_resumed(dataset, tmp_path_factory):
         "--set",
         "data.eval=null",
         "--set",
-        "train.log_every=1",
+        "train.log_every=4",
         "--set",
         "train.batch_size=4",
         "--set",
@@ -145,7 +150,17 @@ def test_sigkill_and_resume_equals_uninterrupted(killed_and_resumed):
 
     root, summary = killed_and_resumed
     assert summary["resumed_from"] == "checkpoint-3"
-    assert _losses(root / "killed")[-1] == pytest.approx(_losses(root / "straight")[-1], rel=1e-6)
+    # every logged row as the uninterrupted run's: the loss of steps 1-4 averages steps 1-3 of the killed
+    # process (the window saved in checkpoint-3) and step 4 of the resumed one
+    rows = {run: _logged(root / run) for run in ("straight", "killed")}
+    assert [r["step"] for r in rows["killed"]] == [r["step"] for r in rows["straight"]] == [4, 6]
+    for a, b in zip(rows["killed"], rows["straight"], strict=True):
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "tokens_per_s"}, rel=1e-6
+        )
+    # a LoRA checkpoint holds the adapters, not the frozen base (rebuilt from the model the recipe names)
+    checkpoint = load_file(root / "killed" / "checkpoint-3" / "model.safetensors")
+    assert checkpoint and all("lora_" in key for key in checkpoint)
     a = load_file(root / "straight" / "final" / "adapter_model.safetensors")
     b = load_file(root / "killed" / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
