@@ -360,15 +360,19 @@ def test_a_deepspeed_config_that_contradicts_the_recipe_is_refused(runs, tmp_pat
     assert "the DeepSpeed config sets gradient_clipping 1.0, the recipe train.max_grad_norm 0.05" in done.stderr
 
 
-def _two_machines(recipe: Path, outs: tuple[str, str], cwds: tuple[Path, Path]) -> list[subprocess.CompletedProcess]:
+def _two_machines(
+    recipe: Path, outs: tuple[str, str], cwds: tuple[Path, Path], record: Path
+) -> list[subprocess.CompletedProcess]:
     """`accelerate launch --num_machines 2` twice on this machine: machine 0 and 1, one process each."""
     port = str(_free_port())
+    record.mkdir(parents=True, exist_ok=True)
+    env = _env(DIFFUTRON_RECORD_BATCHES=str(record))
     procs = []
     for rank, (out, cwd) in enumerate(zip(outs, cwds, strict=True)):
         launch = ("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1")
         launch += ("--main_process_port", port, "--num_processes", "2")
         command = _command("ddp-cpu.yaml", recipe, out, launch=launch)
-        procs.append(subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
 
 
@@ -376,10 +380,15 @@ def test_two_machines_on_loopback_train_as_two_processes(runs, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     out = tmp_path / "run"
-    done = _two_machines(runs["recipe"], (str(out), str(out)), (tmp_path / "a", tmp_path / "b"))
-    assert all(d.returncode == 0 for d in done), done[0].stderr[-2000:] + done[1].stderr[-2000:]
+    done = _two_machines(
+        runs["recipe"], (str(out), str(out)), (tmp_path / "a", tmp_path / "b"), tmp_path / "batches-run"
+    )
+    assert all(d.returncode == 0 for d in done), _failure(done[0].stderr.decode() + done[1].stderr.decode())
     _same_steps(out, runs["root"] / "ddp")
     _same_weights(out / "final", runs["root"] / "ddp" / "final")
+    # each machine's process read the sequences the DDP run's process of its rank read, step by step
+    key = lambda rows: sorted((r["step"], r["rank"], r["index"]) for r in rows)  # noqa: E731
+    assert key(_batches(out)) == key(_batches(runs["root"] / "ddp"))
 
 
 def test_machines_that_do_not_share_the_run_folder_are_refused(runs, tmp_path):
@@ -387,7 +396,7 @@ def test_machines_that_do_not_share_the_run_folder_are_refused(runs, tmp_path):
     once with one line naming the process that cannot see the main process's folder."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    done = _two_machines(runs["recipe"], ("run", "run"), (tmp_path / "a", tmp_path / "b"))
+    done = _two_machines(runs["recipe"], ("run", "run"), (tmp_path / "a", tmp_path / "b"), tmp_path / "batches")
     assert all(d.returncode != 0 for d in done)
     stderr = b"".join(d.stderr for d in done).decode()
     assert "process 1 on" in stderr and "training on several machines needs --out on a filesystem" in stderr
