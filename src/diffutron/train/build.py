@@ -98,6 +98,21 @@ def build_model(
     return lm.train()
 
 
+def describe_model(recipe: TrainRecipe, lm) -> dict:
+    """The model a recipe trains, in numbers (each tied tensor counted once)."""
+    from diffutron.lora import count_parameters
+
+    total, trainable = count_parameters(lm.model)
+    return {
+        "model": recipe.model.name,
+        "objective": recipe.objective.kind,
+        "lora": recipe.lora.enabled,
+        "params_total": total,
+        "params_trainable": trainable,
+        "trainable_percent": round(100 * trainable / total, 2),
+    }
+
+
 def prepared_folder(recipe: TrainRecipe, out: Path) -> Path:
     """Where the recipe's prepared data is: data.dataset, else <out>/data (prepared on the fly)."""
     return Path(recipe.data.dataset or out / "data")

@@ -149,16 +149,7 @@ def _describe(recipe: TrainRecipe, accelerator, precision: str) -> dict:
 
 
 def _summary(recipe: TrainRecipe, lm, accelerator, precision: str) -> dict:
-    from diffutron.lora import count_parameters
-
-    total, trainable = count_parameters(lm.model)
-    return {
-        "model": recipe.model.name,
-        "objective": recipe.objective.kind,
-        "lora": recipe.lora.enabled,
-        "params_total": total,
-        "params_trainable": trainable,
-        "trainable_percent": round(100 * trainable / total, 2),
+    return build.describe_model(recipe, lm) | {
         "max_length": None,
         "batch_size": recipe.train.batch_size,
         "grad_accum": recipe.train.grad_accum,

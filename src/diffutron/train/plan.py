@@ -200,23 +200,16 @@ def plan(
     """The planned run: counts for `processes` processes, FLOPs per token, and with `measure` > 0 that many
     steps measured on `device` (default: CUDA if present) and the projection they give. `length`: the
     sequence length, if not the data's."""
-    from diffutron.lora import count_parameters
-    from diffutron.train.build import build_model, resolve_paths
+    from diffutron.train.build import build_model, describe_model, resolve_paths
 
     recipe.validate()
     recipe = resolve_paths(recipe)
     max_length, sequences = (length, None) if length else data_shape(recipe)
     shape = run_shape(recipe, processes, max_length, sequences)
     skeleton = build_model(recipe, skeleton=True)
-    total, trainable = count_parameters(skeleton.model)
     flops = flops_per_token(skeleton, masked_share(recipe), max_length)
     result = {
-        "model": recipe.model.name,
-        "objective": recipe.objective.kind,
-        "lora": recipe.lora.enabled,
-        "params_total": total,
-        "params_trainable": trainable,
-        "trainable_percent": round(100 * trainable / total, 2),
+        **describe_model(recipe, skeleton),
         **shape,
         **flops,
         "flops_per_step": flops["flops_per_token"] * shape["tokens_per_step"],
