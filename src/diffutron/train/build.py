@@ -132,10 +132,8 @@ def prepare_data_once(recipe: TrainRecipe, out: Path) -> None:
     import time
 
     folder = prepared_folder(recipe, out)
-    if recipe.objective.kind == "sft" or is_prepared(folder):
-        return
-    if not recipe.data.recipe:
-        raise DiffutronError(f"{folder} is not a prepared dataset (run `diffutron data prepare` first)")
+    if recipe.objective.kind == "sft" or is_prepared(folder) or not recipe.data.recipe:
+        return  # nothing to prepare (load_training_data says if the folder is not a prepared dataset)
     from diffutron.config import load_config
     from diffutron.data.prepare import DataRecipe, prepare
 

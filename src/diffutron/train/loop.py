@@ -108,6 +108,7 @@ def train(recipe: TrainRecipe, progress: Callable[[dict], None] | None = None, d
     precision = {"fp32": "no"}.get(precision, precision)  # accelerate's spelling
     out = Path(recipe.train.out)
     if not dry_run:
+        run_state.resume_point(recipe, out)  # a resume with other settings is refused before anything is prepared
         # before the process group forms: the other processes wait on a file lock, not at a barrier
         # whose timeout (10 minutes for NCCL) the preparation of a large corpus would outlast
         build.prepare_data_once(recipe, out)
