@@ -3,6 +3,7 @@ or moves (peft's merge included), is safe under threads, and steps aside whereve
 same function -- never silently."""
 
 import copy
+import gc
 import pickle
 import threading
 import time
@@ -123,9 +124,10 @@ def test_weights_made_in_inference_mode_run_f_linear_with_one_warning():
             with torch.inference_mode():
                 torch.testing.assert_close(packed(layer, x), F.linear(x, layer.weight, layer.bias))
     assert len(caught) == 1 and packed.packed is None and packed.failure is None
+    plain = _layer()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
-        packed(_layer(), x)
+        packed(plain, x)
     assert packed.packed is not None
 
 
@@ -174,6 +176,15 @@ def test_writes_through_data_are_seen():
     _same_as_f_linear(packed, layer, x)
     layer.weight.data.mul_(0.5)
     _same_as_f_linear(packed, layer, x)
+
+
+def test_a_weight_freed_takes_its_copy_with_it():
+    layer, packed = _layer(), PackedLinear()
+    _same_as_f_linear(packed, layer, torch.randn(2, 96))
+    assert packed.packed is not None
+    del layer  # a model replaced: the copy must not keep its memory
+    gc.collect()
+    assert packed.packed is None
 
 
 def test_a_watched_weight_looks_and_copies_like_a_plain_parameter():

@@ -31,6 +31,7 @@ and it is dropped (the memory freed at once) when
   `weight.data += delta`), so while a copy exists the weight wears the class `WatchedWeight` (the same
   object and tensor; a plain `nn.Parameter` again once the copy is dropped), whose `.data` drops it;
 - a gradient is accumulated into the weight (backward): an optimizer step will follow;
+- the weight is freed (its model replaced): nothing else holds it, the copy goes with it;
 - `DiffusionLM.train()` or `.to()` / `.cuda()` / `.half()` (`_apply`) runs: training will change
   the weights, and moved weights leave the copy behind (model.py);
 - the layer runs otherwise (autograd, autocast, on a GPU), or the ops fail.
@@ -139,7 +140,7 @@ class PackedLinear:
     def __init__(self):
         self._lock = threading.RLock()  # one thread builds or drops the copy at a time
         self._copy: _Copy | None = None
-        self._watched: torch.Tensor | None = None  # the weight whose `.data` and gradient drop the copy
+        self._watched: weakref.ref | None = None  # the weight whose `.data` and gradient drop the copy
         self._grad_hook = None
         self._changes = 0  # counts drops: a copy built while the weight changed is not published
         self.failure: str | None = None  # why the packed path is off for good (the ops are missing or failed)
@@ -236,24 +237,25 @@ class PackedLinear:
             return packed
 
     def _watch(self, weight: torch.Tensor) -> None:
+        owner = weakref.ref(self)  # the weight must not keep this object (and its copy) alive
+
+        def changed(_=None) -> None:
+            if (watcher := owner()) is not None:
+                watcher.drop()
+
         with _WATCHERS_LOCK:
             _WATCHERS.setdefault(weight, weakref.WeakSet()).add(self)
             weight.__class__ = WatchedWeight
-        self._watched = weight
+        self._watched = weakref.ref(weight, changed)  # a weight gone (a new model) takes its copy with it
         if weight.requires_grad:
-            owner = weakref.ref(self)  # the weight must not keep this object (and its copy) alive
-
-            def gradient_arrived(_weight) -> None:
-                if (watcher := owner()) is not None:
-                    watcher.drop()
-
-            self._grad_hook = weight.register_post_accumulate_grad_hook(gradient_arrived)
+            self._grad_hook = weight.register_post_accumulate_grad_hook(changed)
 
     def _unwatch(self) -> None:
-        weight, self._watched = self._watched, None
+        watched, self._watched = self._watched, None
         if self._grad_hook is not None:
             self._grad_hook.remove()
             self._grad_hook = None
+        weight = watched() if watched is not None else None
         if weight is None:
             return
         with _WATCHERS_LOCK:
@@ -262,4 +264,5 @@ class PackedLinear:
                 watchers.discard(self)
                 if not watchers:
                     del _WATCHERS[weight]
-                    weight.__class__ = nn.Parameter
+                    if type(weight) is WatchedWeight:  # (torch.utils.swap_tensors may have moved it on)
+                        weight.__class__ = nn.Parameter
