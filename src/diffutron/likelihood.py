@@ -12,9 +12,9 @@ request, and given l_n each sample's subset is uniform. Each l_n alone is unifor
 an unbiased estimate of the bound. For L = 1 every sample masks the one token with weight 1, so the value
 is exact and one sample (one forward) is drawn.
 
-The draws of a request come from a generator seeded by a hash (BLAKE2b, the same in every process) of
-the run's seed, the continuation's length L and the request's key: by default its own tokens (context
-and continuation), so the Monte Carlo errors of different requests are independent, and a request's
+The draws of a request (its u and its S subsets) come from a generator seeded by a hash (BLAKE2b, the
+same in every process) of the run's seed, the continuation's length L and the request's key: by
+default its own tokens (context and continuation), so the Monte Carlo errors of different requests are independent, and a request's
 value does not depend on the batch size, the order or the other requests. Requests given the same key
 share their masks where their lengths agree: the lm-eval model gives every request of one question
 (the choices of a multiple-choice document) the question's content as key, so the comparison between
