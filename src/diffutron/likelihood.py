@@ -14,12 +14,12 @@ is exact and one sample (one forward) is drawn.
 
 The draws of a request (its u and its S subsets) come from a generator seeded by a hash (BLAKE2b, the
 same in every process) of the run's seed, the continuation's length L and the request's key: by
-default its own tokens (context and continuation), so the Monte Carlo errors of different requests are independent, and a request's
-value does not depend on the batch size, the order or the other requests. Requests given the same key
-share their masks where their lengths agree: the lm-eval model gives every request of one question
-(the choices of a multiple-choice document) the question's content as key, so the comparison between
-its choices is paired (common random numbers) while different questions draw independently, as the
-harness's standard error assumes.
+default its own tokens (context and continuation), so the Monte Carlo errors of different requests
+are independent, and a request's value does not depend on the batch size, the order or the other
+requests. Requests given the same key share their masks where their lengths agree: the lm-eval model
+gives every request of one question (the choices of a multiple-choice document) the question's content
+as key, so the comparison between its choices is paired (common random numbers) while different
+questions draw independently, as the harness's standard error assumes.
 
 A row is `prefix + context + continuation (some masked) + suffix` ([CLS] ... [SEP]): the continuation's
 end is known, as in the generation canvas. Rows of all requests and samples are batched together,
