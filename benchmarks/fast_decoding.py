@@ -17,7 +17,8 @@ exact tokens/s. (A step is the whole of the sampler's work: forward, head, draw,
 Quality: the shipped tiny Diffutron, 16 held-out prompts of 16 tokens, 64 new tokens, blocks of 16,
 greedy. For each mode and for threshold / factor decoding: the share of generated tokens equal (same
 position) to exact one-token-per-step decoding, the ELBO of the generated continuations under the
-exact model (diffutron.likelihood, 32 stratified samples; nats per token; higher = likelier), and the
+exact model (diffutron.likelihood, 32 stratified samples, the masks seeded by prompt, so that every
+decoding of a prompt is scored on the same masks; nats per token; higher = likelier), and the
 forward passes per generated token (a cached pass computes only part of the canvas).
 
 With --json, stdout is one JSON object (progress goes to stderr): speedup_dual and speedup_prefix (the
@@ -136,7 +137,9 @@ def quality(args, device, dtype) -> list[dict]:
         tokens = result.token_ids
         exact = exact or tokens
         same = sum(a == b for t, e in zip(tokens, exact, strict=True) for a, b in zip(t, e, strict=True))
-        scored = continuation_logprobs(lm, list(zip(contexts, tokens, strict=True)), mc_num=32, seed=0)
+        pairs = list(zip(contexts, tokens, strict=True))
+        # keyed by prompt: every decoding of a prompt is scored on the same masks (a paired comparison)
+        scored = continuation_logprobs(lm, pairs, mc_num=32, seed=0, keys=prompts)
         rows.append(
             {
                 "decoding": label,

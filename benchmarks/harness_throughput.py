@@ -13,7 +13,8 @@ compare like with like. The port is otherwise as dllm runs it: one request at a 
 request in batches of `batch_size` (dllm's default 32), the number masked stratified as LLaDA's
 `_forward_process` does with a randperm per row, the model's full [batch, length, 256k] logits, the
 loss divided by p_mask. diffutron: every request and sample batched together, identical rows computed
-once, exact single forward for one-token choices, the head only at masked positions.
+once, exact single forward for one-token choices, the head only at masked positions; its masks are
+seeded as the harness seeds them (from each question's content: likelihood.question_key).
 
 Both estimate the same quantity; they must agree within their Monte Carlo error (|z| per request).
 Random weights (seeded), fp32, CPU (or --device cuda). The last line of --json is one JSON object.
@@ -73,27 +74,29 @@ def reference_loglikelihood(model, mask_id, prefix, target, suffix, mc_num, batc
     return -sum(loss_acc) / len(loss_acc), float(per_row.std() / math.sqrt(len(per_row)))
 
 
-def requests(lm, task: str, questions: int, multi_token: bool = False) -> list[tuple[list[int], list[int]]]:
+def requests(lm, task: str, questions: int, multi_token: bool = False) -> tuple[list, list[str]]:
     """Every choice of the first `questions` questions of a pack task (in file order); with multi_token,
-    of the first whose choices all take more than one token (Monte Carlo for every choice)."""
-    from diffutron.likelihood import encode_pair
+    of the first whose choices all take more than one token (Monte Carlo for every choice). Returns the
+    (context ids, continuation ids) pairs and their mask keys, the harness's (likelihood.question_key)."""
+    from diffutron.likelihood import encode_pair, question_key
 
     if questions == 0:
-        return []
+        return [], []
     lines = (ROOT / f"configs/eval/tasks/diffutron_tr/{task}.jsonl").read_text(encoding="utf-8").splitlines()
     chosen = []
     for line in lines:
         item = json.loads(line)
         context, delimiter = (item["context"], " ") if "context" in item else ("", "")
-        pairs = [encode_pair(lm.tokenizer, context, delimiter + choice) for choice in item["choices"]]
+        texts = [(context, delimiter + choice) for choice in item["choices"]]
+        pairs = [encode_pair(lm.tokenizer, *text) for text in texts]
         if not multi_token or all(len(x) > 1 for _, x in pairs):
-            chosen.append(pairs)
+            chosen.append((pairs, question_key(texts)))
         if len(chosen) == questions:
             break
-    return [pair for pairs in chosen for pair in pairs]
+    return [pair for pairs, _ in chosen for pair in pairs], [key for pairs, key in chosen for _ in pairs]
 
 
-def compare(lm, pairs, mc_num: int, batch_size: int, seed: int, repeats: int) -> dict:
+def compare(lm, pairs, keys, mc_num: int, batch_size: int, seed: int, repeats: int) -> dict:
     """Both paths on the same requests: seconds (summed over `repeats` rounds, the order alternating --
     reference first, then fast first -- so that a drift in the machine's load weighs on both), and how
     far apart their estimates are."""
@@ -109,7 +112,7 @@ def compare(lm, pairs, mc_num: int, batch_size: int, seed: int, repeats: int) ->
         ]
 
     def run_fast():
-        return continuation_logprobs(lm, pairs, mc_num=mc_num, seed=seed, batch_size=batch_size)
+        return continuation_logprobs(lm, pairs, mc_num=mc_num, seed=seed, keys=keys, batch_size=batch_size)
 
     torch.manual_seed(seed)
     seconds = {"reference": 0.0, "fast": 0.0}
@@ -169,12 +172,12 @@ def main() -> None:
         "multi_token": requests(lm, "tr_cloze", args.multi_token_questions, multi_token=True),
         "long": requests(lm, "tr_order", args.long_questions),  # whole two-sentence texts, no context
     }
-    warm = next(pairs for pairs in sets.values() if pairs)[:1]
+    warm = next(pairs for pairs, _ in sets.values() if pairs)[:1]
     continuation_logprobs(lm, warm, mc_num=2, batch_size=args.batch_size)  # warm-up, both paths
     reference_loglikelihood(lm.hf_model, lm.mask_id, prefix + warm[0][0], warm[0][1], suffix, 2, 2)
     parts = {
-        name: compare(lm, pairs, args.mc_num, args.batch_size, args.seed, args.repeats)
-        for name, pairs in sets.items()
+        name: compare(lm, pairs, keys, args.mc_num, args.batch_size, args.seed, args.repeats)
+        for name, (pairs, keys) in sets.items()
         if pairs
     }
     seconds_reference = sum(p["seconds_reference"] for p in parts.values())

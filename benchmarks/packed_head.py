@@ -9,8 +9,11 @@ hidden], as a sampling step computes them at a block's masks (16 masks on averag
 and row count, the two calls alternate, `--repeats` times each, and the medians are compared
 (speedup = F.linear's time / packed time). Also reported: the largest difference of either from a
 float64 reference, and whether each row's logits are bitwise the same as when computed among 64 rows
-(batch invariance: a request's tokens should not depend on its company). The last line of --json is
-one JSON object.
+(batch invariance: a request's tokens should not depend on its company), and what keying the packed
+copy on its weight's content would add to each call: one pass over the weight (`fingerprint_ms`, a
+float sum: the least any content check costs, timed alternating with the two calls) and the speed-up
+left with it (`speedup_with_fingerprint` = F.linear's time / (packed + fingerprint)). The last line
+of --json is one JSON object.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ def compare(plain, packed, x, together, repeats: int) -> dict:
 
     dtype = together.dtype
     xd = x.to(dtype)
-    plain(xd), packed(xd)  # warm-up
-    plain_times, packed_times = [], []
-    for _ in range(repeats):  # alternating: both see the same load
+    plain(xd), packed(xd), plain.weight.sum()  # warm-up
+    plain_times, packed_times, fingerprint_times = [], [], []
+    for _ in range(repeats):  # alternating: all see the same load
         plain_times.append(timed(lambda: plain(xd)))
         packed_times.append(timed(lambda: packed(xd)))
+        fingerprint_times.append(timed(lambda: plain.weight.sum()))
     reference = plain.reference(xd)
     rows = x.shape[0]
     with torch.no_grad():
@@ -54,6 +58,9 @@ def compare(plain, packed, x, together, repeats: int) -> dict:
             "f_linear_ms": statistics.median(plain_times) * 1000,
             "packed_ms": statistics.median(packed_times) * 1000,
             "speedup": statistics.median(plain_times) / statistics.median(packed_times),
+            "fingerprint_ms": statistics.median(fingerprint_times) * 1000,
+            "speedup_with_fingerprint": statistics.median(plain_times)
+            / (statistics.median(packed_times) + statistics.median(fingerprint_times)),
             "f_linear_max_error": float((plain(xd).double() - reference).abs().max()),
             "packed_max_error": float((packed(xd).double() - reference).abs().max()),
             "f_linear_batch_invariant": invariant(plain, together, plain(together), rows),
@@ -108,8 +115,14 @@ def main() -> None:
     weight64 = torch.randn(args.vocab, args.hidden, generator=g, dtype=torch.float64) / args.hidden**0.5
     bias64 = torch.randn(args.vocab, generator=g, dtype=torch.float64) / 10
     together = torch.randn(64, args.hidden, generator=g, dtype=torch.float64)
+    from diffutron.packed_linear import _bf16_supported
+
     with torch.no_grad():
         for name in args.dtypes.split(","):
+            if dtypes[name] == torch.bfloat16 and not _bf16_supported():
+                print("bf16: skipped, oneDNN has no bf16 on this CPU (it needs avx512 or avx_ne_convert)", file=out)
+                report.setdefault("skipped", []).append(name)
+                continue
             weight, bias = weight64.to(dtypes[name]), bias64.to(dtypes[name])
             plain, packed = Plain(weight, bias), Packed(weight, bias)
             for rows in (int(r) for r in args.rows.split(",")):
@@ -118,7 +131,8 @@ def main() -> None:
                 report["table"].append(row)
                 print(
                     f"{name} {rows:>4} rows: F.linear {row['f_linear_ms']:7.1f} ms  packed {row['packed_ms']:7.1f} ms"
-                    f"  -> {row['speedup']:.2f}x   max error {row['f_linear_max_error']:.1e} / "
+                    f"  -> {row['speedup']:.2f}x  (+ fingerprint {row['fingerprint_ms']:.1f} ms: "
+                    f"{row['speedup_with_fingerprint']:.2f}x)   max error {row['f_linear_max_error']:.1e} / "
                     f"{row['packed_max_error']:.1e}   batch-invariant {row['f_linear_batch_invariant']} / "
                     f"{row['packed_batch_invariant']}",
                     file=out,

@@ -20,11 +20,13 @@ MODELS = ("tiny-base", "tiny-diffutron")
 
 def correct_answers(name: str, items: list[dict], mc_num: int, seed: int) -> list[bool]:
     from diffutron.harness import load
-    from diffutron.likelihood import continuation_logprobs, encode_pair
+    from diffutron.likelihood import continuation_logprobs, encode_pair, question_key
 
     lm = load(name, device="cpu")
-    pairs = [encode_pair(lm.tokenizer, item["context"], " " + choice) for item in items for choice in item["choices"]]
-    scores = [s.logprob for s in continuation_logprobs(lm, pairs, mc_num=mc_num, seed=seed)]
+    texts = [[(item["context"], " " + choice) for choice in item["choices"]] for item in items]
+    pairs = [encode_pair(lm.tokenizer, *text) for question in texts for text in question]
+    keys = [question_key(question) for question in texts for _ in question]  # as the harness seeds them
+    scores = [s.logprob for s in continuation_logprobs(lm, pairs, mc_num=mc_num, seed=seed, keys=keys)]
     return [
         max(range(len(item["choices"])), key=lambda j: scores[4 * k + j]) == item["label"]
         for k, item in enumerate(items)

@@ -4,14 +4,16 @@ a checkpoint saved twice, two runs in one folder, a resume with another recipe, 
     DIFFUTRON_FAULT_ITERATIONS=40 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \\
         .venv/bin/python -m pytest -q -s tests/test_faults_train.py -k random_kills
 
-runs more kills than the default 3 (seeded by DIFFUTRON_FAULT_SEED, default 0) and prints the count
-of cases tried and handled. The kills hit named points of the loop (DIFFUTRON_TEST_KILL=<site>:<step>,
-see train/state.py: fault_point) or a random moment.
+runs more kills than the default 3 (seeded by DIFFUTRON_FAULT_SEED, default 0) and prints how each
+case ended. The kills hit named points of the loop (DIFFUTRON_TEST_KILL=<site>:<step>, see
+train/state.py: fault_point) or a random moment; at least half of the cases, whatever their number,
+must be killed mid-run (after a logged step, before final/ is in place), or the suite proves nothing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -116,6 +119,16 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
 
 
+def _phase(out: Path) -> str:
+    """Where a killed run was, judged by what it left."""
+    if (out / "final").is_dir():
+        return "killed after final/ was in place"
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        return "killed mid-run"
+    return "killed before its first step"
+
+
 def test_random_kills_then_resume_equal_the_uninterrupted_run(bundled_128, reference, tmp_path):
     """SIGKILL at a seeded random point (a named point of the loop or a random moment), then resume."""
     rng = random.Random(SEED)
@@ -123,7 +136,7 @@ def test_random_kills_then_resume_equal_the_uninterrupted_run(bundled_128, refer
     # this process, which has, can deadlock in OpenMP): a child starts in well under a second
     fork = multiprocessing.get_context("forkserver")
     fork.set_forkserver_preload(["torch", "transformers", "peft", "accelerate", "diffutron.train", "diffutron.model"])
-    tried = {"killed": 0, "finished before the kill": 0, "handled": 0}
+    tried = Counter()
     for i in range(ITERATIONS):
         site = rng.choice(sorted(SITES))
         step = rng.choice(SITES[site])
@@ -140,15 +153,15 @@ def test_random_kills_then_resume_equal_the_uninterrupted_run(bundled_128, refer
         exitcode = child.exitcode
         child.close()
         assert exitcode in (0, -signal.SIGKILL), (site, step, exitcode)
-        tried["killed" if exitcode == -signal.SIGKILL else "finished before the kill"] += 1
+        tried[_phase(out) if exitcode == -signal.SIGKILL else "finished before the kill"] += 1
         try:
             assert train(recipe)["step"] == 6
             _assert_same_run(out, reference)
         except AssertionError as failure:
             raise AssertionError(f"case {i}, killed at {site}:{step}: {failure}") from failure
-        tried["handled"] += 1
-    print(f"\nfault injection: {ITERATIONS} cases (seed {SEED}): {tried}")
-    assert tried["handled"] == ITERATIONS
+    print(f"\nfault injection: {ITERATIONS} cases (seed {SEED}), each resumed to the uninterrupted run: {dict(tried)}")
+    # kills that land before the first step or after the end test little: most must land mid-run
+    assert tried["killed mid-run"] >= math.ceil(ITERATIONS / 2), dict(tried)
 
 
 def test_a_checkpoint_saved_again_is_never_lost(bundled_128, reference, tmp_path, monkeypatch):

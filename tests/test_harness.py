@@ -24,6 +24,7 @@ from diffutron.likelihood import (  # noqa: E402
     encode_pair,
     greedy_decodes,
     mask_generator,
+    request_key,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +56,15 @@ def reference_logprob(lm, context: list[int], continuation: list[int], masks: to
 
 
 def test_masks_are_stratified_and_seeded():
-    masks = draw_masks(10, 20, mask_generator(0, 10))
+    masks = draw_masks(10, 20, mask_generator(0, "a request", 10))
     counts = masks.sum(dim=1)
     assert masks.shape == (20, 10) and counts.min() >= 1 and counts.max() <= 10
     assert sorted(counts.tolist()) == counts.tolist()  # stratum n holds the n-th slice of 1..L
     assert torch.bincount(counts, minlength=11)[1:].tolist() == [2] * 10  # 20 samples: each count twice
-    assert torch.equal(masks, draw_masks(10, 20, mask_generator(0, 10)))
-    assert not torch.equal(masks, draw_masks(10, 20, mask_generator(1, 10)))
-    assert draw_masks(1, 64, mask_generator(0, 1)).shape == (1, 1)  # one token: exact, one sample
+    assert torch.equal(masks, draw_masks(10, 20, mask_generator(0, "a request", 10)))
+    assert not torch.equal(masks, draw_masks(10, 20, mask_generator(1, "a request", 10)))
+    assert not torch.equal(masks, draw_masks(10, 20, mask_generator(0, "another request", 10)))
+    assert draw_masks(1, 64, mask_generator(0, "a request", 1)).shape == (1, 1)  # one token: exact, one sample
     logp = torch.randn(20, 10)
     expected = torch.stack([logp[n][masks[n]].sum() * 10 / masks[n].sum() for n in range(20)]).mean()
     assert torch.isclose(elbo(logp, masks), expected)
@@ -79,7 +81,9 @@ def test_estimate_matches_slow_reference_on_the_same_masks(lm):
     ]
     scores = continuation_logprobs(lm, pairs, mc_num=6, seed=3, batch_size=5, head_chunk=7)
     for (context, continuation), score in zip(pairs, scores, strict=True):
-        masks = draw_masks(len(continuation), 6, mask_generator(3, len(continuation)))
+        masks = draw_masks(
+            len(continuation), 6, mask_generator(3, request_key(context, continuation), len(continuation))
+        )
         assert score.logprob == pytest.approx(reference_logprob(lm, context, continuation, masks), abs=1e-4)
     # deterministic for a seed, whatever the batch size; another seed draws other masks
     again = continuation_logprobs(lm, pairs, mc_num=6, seed=3, batch_size=64, max_rows=7)
@@ -105,7 +109,7 @@ def test_estimate_is_unbiased_for_the_elbo(lm):
         exact += sum(length / k * float(table[tuple(p.tolist())][p].sum()) for p in subsets) / len(subsets) / length
     estimates = []
     for seed in range(3000):
-        masks = draw_masks(length, 4, mask_generator(seed, length))
+        masks = draw_masks(length, 4, mask_generator(seed, "", length))
         logp = torch.stack([table[tuple(m.tolist())] for m in masks])
         estimates.append(float(elbo(logp, masks)))
     estimates = torch.tensor(estimates)
@@ -120,6 +124,83 @@ def _token_logprobs(lm, context, continuation, pattern) -> torch.Tensor:
     row[0, start : start + len(continuation)][pattern] = lm.mask_id
     logp = F.log_softmax(lm.full_logits(row).float()[0, start : start + len(continuation)], dim=-1)
     return logp.gather(1, torch.tensor(continuation)[:, None]).squeeze(1)
+
+
+def _encoder_rows(lm, monkeypatch) -> list[list[int]]:
+    """Every row the encoder sees from now on, without [CLS], [SEP] and padding."""
+    rows = []
+    encode = lm.encode
+
+    def spy(input_ids, attention_mask=None):
+        rows.extend(
+            row[1 : sum(keep) - 1] for row, keep in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)
+        )
+        return encode(input_ids, attention_mask)
+
+    monkeypatch.setattr(lm, "encode", spy)
+    return rows
+
+
+def _patterns(lm, rows: list[list[int]], context: list[int], continuation: list[int]) -> set[tuple[bool, ...]]:
+    """The mask patterns of the rows that are (context, continuation) with some of the continuation masked."""
+    found = set()
+    for row in rows:
+        if len(row) == len(context) + len(continuation) and row[: len(context)] == context:
+            tail = row[len(context) :]
+            if all(t == lm.mask_id or t == c for t, c in zip(tail, continuation, strict=True)):
+                found.add(tuple(t == lm.mask_id for t in tail))
+    return found
+
+
+def test_same_length_requests_draw_their_own_masks(lm, monkeypatch):
+    """Masks seeded by (seed, L) alone made every same-length request of a run share its Monte Carlo
+    errors: lm-eval's standard error, which assumes independent items, came out too small."""
+    first, second = ids(lm, "Bugün hava çok"), ids(lm, "Ankara Türkiye'nin")
+    continuation = ids(lm, " güzel bir gün oldu ve biz")
+    assert len(continuation) > 4
+    rows = _encoder_rows(lm, monkeypatch)
+    continuation_logprobs(lm, [(first, continuation), (second, continuation)], mc_num=8)
+    mine, theirs = _patterns(lm, rows, first, continuation), _patterns(lm, rows, second, continuation)
+    assert len(mine) > 4 and len(theirs) > 4
+    assert mine != theirs
+    rows.clear()  # the same request again (another run, another batch size): the same masks
+    continuation_logprobs(lm, [(second, continuation)], mc_num=8, batch_size=3)
+    assert _patterns(lm, rows, second, continuation) == theirs
+
+
+def test_the_choices_of_one_question_share_their_masks_and_questions_do_not(lm, monkeypatch):
+    """A paired comparison within a question (common random numbers), independent draws across
+    questions -- also for questions without a context (tr_order), told apart by their choices."""
+    from diffutron.harness import question_keys
+
+    def request(doc, context, continuation, task="t"):
+        return Instance("loglikelihood", {}, (context, continuation), 0, (task, doc, 1))
+
+    choice_a, choice_b = " güzel bir gün oldu ve biz", " soğuk bir gece oldu ve siz"
+    requests = [
+        request(0, "Bugün hava çok", choice_a),
+        request(0, "Bugün hava çok", choice_b),
+        request(1, "Dün hava çok", choice_a),
+        request(2, "", "Bir. İki."),
+        request(2, "", "İki. Bir."),
+        request(3, "", "Üç. Dört."),
+        request(3, "", "Dört. Üç."),
+        request(None, "Bugün hava çok", choice_a),
+    ]
+    keys = question_keys(requests)
+    assert keys[0] == keys[1] and keys[3] == keys[4] and keys[5] == keys[6]
+    assert len({keys[0], keys[2], keys[3], keys[5], keys[7]}) == 5
+    assert question_keys(list(reversed(requests)))[::-1] == keys  # content, not position
+    rows = _encoder_rows(lm, monkeypatch)
+    HarnessModel(lm=lm, mc_num=8).loglikelihood(requests[:3], disable_tqdm=True)
+    context = ids(lm, "Bugün hava çok")
+    (_, a), (_, b) = (
+        encode_pair(lm.tokenizer, "Bugün hava çok", choice_a),
+        encode_pair(lm.tokenizer, "Bugün hava çok", choice_b),
+    )
+    assert len(a) == len(b)
+    assert _patterns(lm, rows, context, a) == _patterns(lm, rows, context, b)
+    assert _patterns(lm, rows, ids(lm, "Dün hava çok"), a) != _patterns(lm, rows, context, a)
 
 
 def test_one_letter_choices_get_distinct_exact_scores_from_one_forward(lm, monkeypatch):
@@ -167,6 +248,46 @@ def test_greedy_flag_follows_greedy_decoding(lm):
     assert greedy_decodes(lm, [(context, greedy), (context, altered)]) == [True, False]
     scores = continuation_logprobs(lm, [(context, greedy), (context, altered)], mc_num=2, check_greedy=True)
     assert [s.greedy for s in scores] == [True, False]
+
+
+def test_is_greedy_is_what_greedy_decoding_writes_for_every_length(lm, monkeypatch):
+    """For one token it was the argmax over the whole vocabulary, special tokens included; for longer
+    continuations what the sampler writes, which is never a special token but the end one. One rule now:
+    what greedy decoding writes. A head that puts [CLS] on top everywhere tells the two apart."""
+    cls = lm.tokenizer.cls_token_id
+    head = lm.head
+
+    def head_preferring_cls(hidden, packed_decoder=False):
+        logits = head(hidden, packed_decoder)
+        logits[..., cls] = logits.max(dim=-1).values + 5.0
+        return logits
+
+    monkeypatch.setattr(lm, "head", head_preferring_cls)
+    context = ids(lm, "Türkiye Cumhuriyeti'nin başkenti")
+    prefix, suffix = lm.special_affixes
+    with torch.no_grad():  # the slow rule: the argmax over the ids the sampler may write
+        hidden = lm.encode(torch.tensor([prefix + context + [lm.mask_id] + suffix]))[0, len(prefix) + len(context)]
+        logits = lm.head(hidden)[: len(lm.tokenizer)]
+    banned = [i for i in lm.special_ids if i != lm.tokenizer.sep_token_id]
+    logits[banned] = float("-inf")
+    best = int(logits.argmax())
+    assert best != cls
+    pairs = [(context, [best]), (context, [cls]), (context, [best + 1]), (context, [cls, cls])]
+    scored = [s.greedy for s in continuation_logprobs(lm, pairs, mc_num=2, check_greedy=True)]
+    assert scored == greedy_decodes(lm, pairs) == [True, False, False, False]
+
+
+def test_generate_until_gives_a_request_the_same_text_alone_or_in_any_batch(lm):
+    """Seeds by position in the chunk made a sampled text depend on the other requests and the batch size."""
+    sampling = {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
+    prompts = ["Türkiye'nin en büyük şehri", "Bugün hava çok", "Muhterem efendiler", "Bugün hava çok"]
+    requests = _instances("generate_until", [(p, sampling) for p in prompts])
+    together = HarnessModel(lm=lm, batch_size=4).generate_until(requests, disable_tqdm=True)
+    one_by_one = HarnessModel(lm=lm, batch_size=1).generate_until(requests, disable_tqdm=True)
+    alone = [HarnessModel(lm=lm).generate_until([r], disable_tqdm=True)[0] for r in requests[:3]]
+    assert together == one_by_one and together[:3] == alone
+    assert together[1] != together[3]  # a repeated request (lm-eval's repeats) is another sample
+    assert HarnessModel(lm=lm, seed=1).generate_until(requests[:1], disable_tqdm=True) != together[:1]
 
 
 def _instances(kind: str, args: list[tuple]) -> list[Instance]:

@@ -5,9 +5,16 @@
     python -m diffutron.harness --model diffutron --model_args pretrained=PATH --tasks xcopa_tr   # lm-eval's CLI
 
 - loglikelihood: the masked-diffusion ELBO of the continuation, only the continuation masked
-  (likelihood.py), every request and Monte Carlo sample batched together.
-- loglikelihood_rolling: the ELBO bound of each document, cut into windows of the model's context.
-- generate_until: diffutron's sampler, the task's stop strings cut on the text, max_gen_toks.
+  (likelihood.py), every request and Monte Carlo sample batched together. A request's masks are
+  seeded from the run's seed and the content of its question (every context and continuation of its
+  document): the choices of a question share them (a paired comparison), other questions draw
+  independently (the harness's standard error assumes independent items).
+- loglikelihood_rolling: the ELBO bound of each document, cut into windows of the model's context,
+  each window's masks seeded from its own tokens.
+- generate_until: diffutron's sampler, the task's stop strings cut on the text, max_gen_toks. Each
+  request draws with its own seed, a hash of the run's seed, its context, its generation settings and
+  how many identical requests came before it (lm-eval repeats a request for several samples): its text
+  is the same alone or in any batch.
 
 The continuation's tokens are those of the continuation *in context* (likelihood.encode_pair), never
 the tokenizer's end token.
@@ -16,11 +23,13 @@ the tokenizer's end token.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 
 from diffutron.errors import DiffutronError, UsageError
-from diffutron.likelihood import encode_pair
+from diffutron.likelihood import content_seed, encode_pair, question_key
 
 try:
     from lm_eval.api.model import LM
@@ -97,7 +106,7 @@ class HarnessModel(LM):
     # -- loglikelihood ------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.lm.tokenizer, *request.args) for request in requests]
-        scores = self._score(pairs, "loglikelihood", disable_tqdm, check_greedy=self.check_greedy)
+        scores = self._score(pairs, "loglikelihood", disable_tqdm, question_keys(requests), self.check_greedy)
         results = [(s.logprob, s.greedy) for s in scores]
         for request, result in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", request.args, result)
@@ -119,7 +128,7 @@ class HarnessModel(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
 
-    def _score(self, pairs, what: str, disable_tqdm: bool, check_greedy: bool = False):
+    def _score(self, pairs, what: str, disable_tqdm: bool, keys=None, check_greedy: bool = False):
         from tqdm import tqdm
 
         from diffutron.likelihood import continuation_logprobs
@@ -135,6 +144,7 @@ class HarnessModel(LM):
                 pairs,
                 mc_num=self.mc_num,
                 seed=self.seed,
+                keys=keys,
                 batch_size=self.batch_size,
                 check_greedy=check_greedy,
                 progress=progress,
@@ -145,20 +155,25 @@ class HarnessModel(LM):
         from lm_eval.models.utils import normalize_gen_kwargs
         from tqdm import tqdm
 
-        from diffutron.sampling import SamplingConfig, generate
+        from diffutron.sampling import SamplingConfig
 
         groups: dict[tuple, list[int]] = {}
+        seeds, seen = [], Counter()
         for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = tuple(s for s in kwargs.get("until") or [] if s)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else None
-            groups.setdefault((until, int(kwargs["max_gen_toks"]), temperature), []).append(i)
+            settings = (until, int(kwargs["max_gen_toks"]), temperature)
+            groups.setdefault(settings, []).append(i)
+            content = (context, json.dumps(settings))
+            seeds.append(content_seed(self.seed, *content, str(seen[content])))  # repeats: 0, 1, 2, ...
+            seen[content] += 1
         out = [""] * len(requests)
         prefix, suffix = self.lm.special_affixes
         longest = self.lm.context_length - len(prefix) - len(suffix) - 1  # at least one prompt token
         with tqdm(total=len(requests), desc="diffutron generate_until", disable=disable_tqdm) as bar:
-            for number, ((until, max_gen_toks, temperature), members) in enumerate(groups.items()):
+            for (until, max_gen_toks, temperature), members in groups.items():
                 options = {"truncate_prompt": True, **self.sampling}
                 if temperature is not None:
                     options["temperature"] = temperature
@@ -166,17 +181,50 @@ class HarnessModel(LM):
                 block = int(options.get("block_length") or 0)
                 if block:  # the sampler needs whole blocks: generate up to the next multiple, keep max_gen_toks
                     new_tokens = min(-(-new_tokens // block) * block, longest // block * block)
-                config = SamplingConfig(**options, stop=until, seed=self.seed + number)
+                config = SamplingConfig(**options, stop=until)
                 for b in range(0, len(members), self.batch_size):
                     chunk = members[b : b + self.batch_size]
-                    result = generate(self.lm, [requests[i].args[0] for i in chunk], new_tokens, config)
-                    for i, text, ids in zip(chunk, result.texts, result.token_ids, strict=True):
-                        if len(ids) > max_gen_toks:
-                            text = self.lm.tokenizer.decode(ids[:max_gen_toks], skip_special_tokens=True)
+                    rows = self._generate(
+                        [requests[i].args[0] for i in chunk], [seeds[i] for i in chunk], new_tokens, config
+                    )
+                    for i, row in zip(chunk, rows, strict=True):
+                        text = row.text
+                        if len(row.token_ids) > max_gen_toks:
+                            text = self.lm.tokenizer.decode(row.token_ids[:max_gen_toks], skip_special_tokens=True)
                         out[i] = cut_at_stops(text, until)
                         self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
                     bar.update(len(chunk))
         return out
+
+    def _generate(self, prompts: list[str], seeds: list[int], new_tokens: int, config):
+        """The sampler on the prompts as one batch, each row drawing with its own seed (rng.py: a row's
+        numbers depend on its seed alone); its RowResults in order."""
+        from diffutron.sampling import Denoiser, generation_canvas
+
+        denoiser = Denoiser(self.lm, config)
+        for key, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+            canvas = generation_canvas(self.lm, [prompt], new_tokens, config.truncate_prompt, config.frame)
+            denoiser.add(canvas, dataclasses.replace(config, seed=seed), keys=[key])
+        rows = {}
+        while len(denoiser):
+            rows.update((row.key, row) for row in denoiser.step().finished if row is not None)
+        return [rows[key] for key in range(len(prompts))]
+
+
+def question_keys(requests) -> list[str]:
+    """The mask key of each loglikelihood request (likelihood.question_key): the content of its question,
+    the requests of one document (lm-eval's task name and doc id group them; a request without them is a
+    question of its own)."""
+    members: dict[object, list[int]] = {}
+    for i, request in enumerate(requests):
+        question = (request.task_name, request.doc_id) if request.doc_id is not None else i
+        members.setdefault(question, []).append(i)
+    keys = [""] * len(requests)
+    for group in members.values():
+        key = question_key(requests[i].args for i in group)
+        for i in group:
+            keys[i] = key
+    return keys
 
 
 def cut_at_stops(text: str, stops: Iterable[str]) -> str:

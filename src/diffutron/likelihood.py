@@ -7,12 +7,19 @@ masked drawn uniformly rather than a time t) is
     log p(c | x)  >=  E_{l ~ U{1..L}} E_M [ (L / l) * sum_{i in M} log p(c_i | x, c outside M) ]
 
 Monte Carlo with S samples: the counts are stratified, l_n = floor(L (n + u) / S) + 1 for one uniform u per
-draw (each l_n is still uniform on 1..L), and each sample's subset is uniform. For L = 1 every sample
-masks the one token with weight 1, so the value is exact and one sample (one forward) is drawn.
+request, and given l_n each sample's subset is uniform. Each l_n alone is uniform on its stratum, not on
+1..L; the mixture -- a sample n taken uniformly -- has l uniform on 1..L, so the mean of the S terms is
+an unbiased estimate of the bound. For L = 1 every sample masks the one token with weight 1, so the value
+is exact and one sample (one forward) is drawn.
 
-The draws come from a generator seeded by (seed, L): the same for any batch size or request order, and
-the choices of a multiple-choice question that have the same length share their masks, so the
-comparison between them is paired (common random numbers).
+The draws of a request (its u and its S subsets) come from a generator seeded by a hash (BLAKE2b, the
+same in every process) of the run's seed, the continuation's length L and the request's key: by
+default its own tokens (context and continuation), so the Monte Carlo errors of different requests
+are independent, and a request's value does not depend on the batch size, the order or the other
+requests. Requests given the same key share their masks where their lengths agree: the lm-eval model
+gives every request of one question (the choices of a multiple-choice document) the question's content
+as key, so the comparison between its choices is paired (common random numbers) while different
+questions draw independently, as the harness's standard error assumes.
 
 A row is `prefix + context + continuation (some masked) + suffix` ([CLS] ... [SEP]): the continuation's
 end is known, as in the generation canvas. Rows of all requests and samples are batched together,
@@ -22,15 +29,36 @@ choice of a one-token answer), and the head runs only at the masked positions, a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-def mask_generator(seed: int, length: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + length * 0x85EBCA77) % 2**63)
+def content_seed(seed: int, *parts: str) -> int:
+    """A seed in [0, 2**63) from a run's seed and some text: the same in every process (never Python's
+    hash(), which is salted per process), different for different text."""
+    digest = hashlib.blake2b(json.dumps([seed, *parts], ensure_ascii=False).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def request_key(context: Sequence[int], continuation: Sequence[int]) -> str:
+    """A request's default mask key: its own tokens."""
+    return json.dumps([list(context), list(continuation)])
+
+
+def question_key(requests: Iterable[tuple[str, str]]) -> str:
+    """The mask key of every request of one question (the choices of a multiple-choice document): its
+    content, each (context, continuation) it asks about, in any order. Two questions share masks only if
+    their content is identical."""
+    return json.dumps(sorted({(context, continuation) for context, continuation in requests}), ensure_ascii=False)
+
+
+def mask_generator(seed: int, key: str, length: int) -> torch.Generator:
+    return torch.Generator().manual_seed(content_seed(seed, key, str(length)))
 
 
 def draw_masks(length: int, samples: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,7 +106,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 @dataclass
 class Scored:
     logprob: float
-    greedy: bool  # argmax at the one masked token (L = 1), or the sequential greedy check when asked
+    # greedy decoding (the sampler, temperature 0, one token per step) writes the continuation: read from
+    # the one forward for L = 1 (the argmax over what the sampler may write), computed for L > 1 only
+    # with check_greedy (else False)
+    greedy: bool
     # Monte Carlo standard error, as if the samples were independent (stratifying the count only lowers
     # the variance: conservative); 0 where the value is exact (L = 1)
     stderr: float = 0.0
@@ -103,6 +134,7 @@ def continuation_logprobs(
     *,
     mc_num: int = 128,
     seed: int = 0,
+    keys: Sequence[str] | None = None,
     batch_size: int = 32,
     head_chunk: int = 512,
     max_rows: int = 8192,
@@ -111,23 +143,32 @@ def continuation_logprobs(
 ) -> list[Scored]:
     """Score (context ids, continuation ids) pairs (no special tokens): the ELBO estimate of each.
 
-    `batch_size` counts rows (a request contributes up to `mc_num` of them); `head_chunk` bounds the
-    positions whose [chunk, vocab] logits exist at once; requests are taken `max_rows` rows at a time
-    (consecutive requests, so a question's choices share their identical rows).
+    `keys`: what each request's masks are seeded from, with `seed` and its length (default: its own
+    tokens); requests with one key share their masks (the choices of a question). `batch_size` counts
+    rows (a request contributes up to `mc_num` of them); `head_chunk` bounds the positions whose
+    [chunk, vocab] logits exist at once; requests are taken `max_rows` rows at a time (consecutive
+    requests, so a question's choices share their identical rows).
     """
     prefix, suffix = lm.special_affixes
     room = lm.context_length - len(prefix) - len(suffix)
+    keys = [request_key(c, x) for c, x in pairs] if keys is None else list(keys)
+    if len(keys) != len(pairs):
+        raise ValueError(f"{len(keys)} keys for {len(pairs)} requests")
     pairs = [fit(list(c), list(x), room) for c, x in pairs]
-    masks = [draw_masks(len(x), mc_num, mask_generator(seed, len(x))) if x else None for _, x in pairs]
+    masks = [
+        draw_masks(len(x), mc_num, mask_generator(seed, key, len(x))) if x else None
+        for (_, x), key in zip(pairs, keys, strict=True)
+    ]
     logps = [torch.zeros(m.shape, dtype=torch.float64) if m is not None else None for m in masks]
     top = [torch.zeros(m.shape, dtype=torch.bool) if m is not None else None for m in masks]
+    writable = greedy_vocabulary(lm)
     total, done, group, rows_in_group = sum(m.shape[0] for m in masks if m is not None), 0, [], 0
     for r, m in enumerate(masks):
         if m is not None:
             group.append(r)
             rows_in_group += m.shape[0]
         if group and (rows_in_group >= max_rows or r == len(masks) - 1):
-            for read in _score_group(lm, pairs, masks, group, logps, top, batch_size, head_chunk):
+            for read in _score_group(lm, pairs, masks, group, logps, top, batch_size, head_chunk, writable):
                 done += read
                 if progress:
                     progress(done, total)
@@ -149,7 +190,16 @@ def continuation_logprobs(
     return scored
 
 
-def _score_group(lm, pairs, masks, group, logps, top, batch_size: int, head_chunk: int):
+def greedy_vocabulary(lm) -> tuple[int, torch.Tensor]:
+    """What greedy decoding may write at a mask, as the sampler rules it (its Denoiser's own fields): the
+    ids below its vocabulary size, except the special tokens it bans."""
+    from diffutron.sampling import Denoiser, SamplingConfig
+
+    denoiser = Denoiser(lm, SamplingConfig(temperature=0.0))
+    return denoiser.vocab, denoiser.banned
+
+
+def _score_group(lm, pairs, masks, group, logps, top, batch_size: int, head_chunk: int, writable):
     """Fill logps / top for the requests of `group`; yields the (request, sample) rows read per batch."""
     prefix, suffix = lm.special_affixes
     # unique noisy rows, each with its masked positions and the (request, sample) pairs that read it
@@ -194,14 +244,16 @@ def _score_group(lm, pairs, masks, group, logps, top, batch_size: int, head_chun
                 where += [(r, n, int(t)) for t in tokens]
             offset += count
         flat, targets = torch.cat(flat), torch.cat(targets)
-        logp, is_top = _masked_logprobs(lm, ids, attention, positions, flat, targets, head_chunk)
+        logp, is_top = _masked_logprobs(lm, ids, attention, positions, flat, targets, head_chunk, writable)
         for (r, n, t), value, best in zip(where, logp.tolist(), is_top.tolist(), strict=True):
             logps[r][n, t], top[r][n, t] = value, best
         yield sum(len(readers[u]) for u in batch)
 
 
-def _masked_logprobs(lm, ids, attention, positions, flat, targets, chunk: int):
-    """log p(target) and whether it is the argmax, for each query into the batch's masked positions."""
+def _masked_logprobs(lm, ids, attention, positions, flat, targets, chunk: int, writable):
+    """log p(target) and whether it is what greedy decoding writes there (the argmax over the `writable`
+    (vocabulary size, banned ids) of greedy_vocabulary), for each query into the batch's masked positions."""
+    vocab, banned = writable
     device = lm.device
     ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
     flat, targets = flat.to(device), targets.to(device)
@@ -215,11 +267,11 @@ def _masked_logprobs(lm, ids, attention, positions, flat, targets, chunk: int):
     is_top = torch.empty(len(flat), dtype=torch.bool, device=device)
     for a, compute in chunks:
         logits = compute().float()
-        lse, best = logits.logsumexp(dim=-1), logits.argmax(dim=-1)
         hit = (flat >= a) & (flat < a + logits.shape[0])
         local = flat[hit] - a
-        logp[hit] = (logits[local, targets[hit]] - lse[local]).double()
-        is_top[hit] = best[local] == targets[hit]
+        logp[hit] = (logits[local, targets[hit]] - logits.logsumexp(dim=-1)[local]).double()
+        logits[:, banned.to(device)] = float("-inf")  # in place: only the argmax reads them from here
+        is_top[hit] = logits[:, :vocab].argmax(dim=-1)[local] == targets[hit]
     return logp.cpu(), is_top.cpu()
 
 

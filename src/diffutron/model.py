@@ -173,6 +173,20 @@ class DiffusionLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def train(self, mode: bool = True) -> DiffusionLM:
+        if mode:
+            self._decoder.drop()  # training will change the weights: the packed copy would be stale memory
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._decoder.drop()  # .to(), .cuda(), .half(): the weights move or change type, the copy stays behind
+        return super()._apply(fn, *args, **kwargs)
+
+    def drop_packed_decoder(self) -> None:
+        """Free the sampler's packed copy of the decoder weight (packed_linear.py); it is rebuilt when the
+        sampler next needs it. Only needed after writing the weights through memory torch does not track."""
+        self._decoder.drop()
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states [B, L, H] of the encoder."""
         return self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
