@@ -146,7 +146,7 @@ def create_app(lm, api_key: str | None = None, max_batch: int = 16, max_queue: i
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: schemas.ChatRequest, request: Request):
-        from diffutron.data.sft import render_prompt
+        from diffutron.chat import render_prompt
 
         messages = body.rendered_messages()
         return await run_generation(body, request, 1, lambda: [render_prompt(lm.tokenizer, messages)], chat=True)
