@@ -1,9 +1,10 @@
 """The cached encoder forward (sampling/cache.py) against the model's own layers, and cached decoding in the
-sampler: exact where it must be, the refresh schedule it promises, rows leaving with their cache."""
+sampler against a reference sampler on those layers (tests/reference_cache.py): exact where it must be, the
+keys/values of the last full forward elsewhere, the refresh schedule it promises, rows joining and leaving."""
 
 import pytest
 import torch
-from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+from reference_cache import cached_generate, frozen_forward, layer_inputs
 
 from diffutron.errors import UsageError
 from diffutron.model import DiffusionLM
@@ -12,6 +13,8 @@ from diffutron.sampling.cache import EncoderCache, spans
 from diffutron.sampling.policies import select_factor
 
 PROMPTS = ["Bugün hava", "Türkiye Büyük Millet Meclisi 1920 yılında", "Ey Türk gençliği! Birinci vazifen"]
+# 110 tokens: with 32 new ones the canvas is longer than the +-64 reach of the tiny preset's local layers
+LONG_PROMPT = ("Türkiye Büyük Millet Meclisi 1920 yılında Ankara'da toplandı. " * 10).strip()
 
 
 @pytest.fixture(scope="module")
@@ -24,41 +27,6 @@ def lm():
 def arch_lm(request, model_folders):
     """Tiny random models of each architecture (ModernBERT's local layers see +-8 tokens)."""
     return DiffusionLM.from_pretrained(model_folders[request.param], device="cpu", dtype=torch.float32)
-
-
-@torch.no_grad()
-def reference_forward(lm, cached_ids, ids, attention, positions):
-    """The model's own layers, whole sequences at a time: each layer's input is the input it had for the
-    canvas `cached_ids`, except at `positions`, where it is the value computed here for `ids`. Its
-    output at `positions` is what a cache of `cached_ids` should give: their keys/values fresh, every
-    other position's from the cached canvas. With cached_ids == ids, it is the full forward."""
-    encoder = lm.hf_model.base_model
-    modern = lm.hf_model.config.model_type == "modernbert"
-    layers = encoder.layers if modern else encoder.encoder.layer
-
-    def embed(x):
-        return encoder.embeddings(input_ids=x)
-
-    old, new = embed(cached_ids), embed(ids)
-    mask_args = dict(config=encoder.config, inputs_embeds=old, attention_mask=attention)
-    masks = {"full_attention": create_bidirectional_mask(**mask_args)}
-    if modern:
-        masks["sliding_attention"] = create_bidirectional_sliding_window_mask(**mask_args)
-        where = torch.arange(ids.shape[1])[None]
-        rotary = {t: encoder.rotary_emb(old, where, t) for t in masks}
-
-    def run(layer, h):
-        if modern:
-            kind = layer.attention_type
-            return layer(h, attention_mask=masks[kind], position_embeddings=rotary[kind])
-        return layer(h, masks["full_attention"])
-
-    index = positions[..., None].expand(-1, -1, old.shape[-1])
-    for layer in layers:
-        mixed = old.scatter(1, index, new.gather(1, index))
-        old, new = run(layer, old), run(layer, mixed)
-    new = encoder.final_norm(new) if modern else new
-    return new.gather(1, index)
 
 
 def a_batch(lm, new_tokens=12):
@@ -100,7 +68,9 @@ def test_reference_is_the_full_forward_on_the_same_canvas(arch_lm):
     with torch.no_grad():
         exact = arch_lm.encode(ids, attention)
     exact = exact.gather(1, positions[..., None].expand(-1, -1, exact.shape[-1]))
-    torch.testing.assert_close(reference_forward(arch_lm, ids, ids, attention, positions), exact)
+    torch.testing.assert_close(
+        frozen_forward(arch_lm, layer_inputs(arch_lm, ids, attention), ids, attention, positions), exact
+    )
 
 
 @pytest.mark.parametrize("span", ["block", "block and after"])
@@ -113,7 +83,7 @@ def test_cached_forward_after_a_change_reads_the_cached_keys_and_values(arch_lm,
     with torch.no_grad():
         cache.refresh(before, attention)
         hidden = cache.forward(after, attention, positions)
-    expected = reference_forward(lm, before, after, attention, positions)
+    expected = frozen_forward(lm, layer_inputs(lm, before, attention), after, attention, positions)
     torch.testing.assert_close(hidden[valid], expected[valid], atol=1e-5, rtol=1e-5)
     exact = lm.encode(after, attention).gather(1, positions[..., None].expand_as(hidden))
     assert not torch.allclose(hidden[valid], exact[valid], atol=1e-3)  # approximate: stale keys/values read
@@ -195,52 +165,66 @@ def test_a_cached_step_recomputes_only_its_columns(lm, monkeypatch, cache, every
     assert computed == expected
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(cache="dual"), dict(cache="prefix", cfg_scale=1.5, frame="closed")],  # refresh_every: the joining test
+)
+def test_cached_steps_equal_the_frozen_reference(lm, options):
+    """Blocks of 8, two tokens a step: each block's first step is a full forward, its three others are cached
+    steps, and they give the tokens of the reference whose other positions keep the keys/values of the
+    row's last full forward. Rows of 2, 110 and 7 prompt tokens share the batch; the long
+    one's canvas (143 tokens) is longer than the local layers' reach, so its late blocks see only part."""
+    prompts = [PROMPTS[0], LONG_PROMPT, PROMPTS[2]]
+    window = lm.hf_model.config.local_attention // 2
+    start_of_last_block = 1 + len(lm.tokenizer(LONG_PROMPT, add_special_tokens=False)["input_ids"]) + 24
+    assert start_of_last_block > window  # the columns before it are out of the local layers' reach
+    run = dict(max_new_tokens=32, steps=16, block_length=8, stop_at_eos=False)
+    result = generate(lm, prompts, **run, **options)
+    assert result.token_ids == [cached_generate(lm, p, 32, 16, 8, **options) for p in prompts]
+    exact = generate(lm, prompts, **run, cfg_scale=options.get("cfg_scale", 0.0), frame=options.get("frame", "open"))
+    assert all(a != b for a, b in zip(result.token_ids, exact.token_ids, strict=True))  # the cached steps ran
+
+
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
 def test_rows_leave_the_batch_with_their_cache(lm, cfg_scale):
-    """A short row (long prompt: the batch narrows when it leaves) and a long one, each one block: after
-    the short row is done, the long one goes on with its own cache rows, as it does alone."""
-    config = SamplingConfig(cache="dual", cfg_scale=cfg_scale, stop_at_eos=False, seed=2)
-    short = SamplingConfig(**{**config.__dict__, "block_length": 4, "steps": 4})
-    alone = {
-        "long": generate(lm, [PROMPTS[0]], max_new_tokens=6, config=config).token_ids[0],
-        "short": generate(lm, [PROMPTS[1]], max_new_tokens=4, config=short).token_ids[0],
-    }
+    """A short row with a long prompt (the batch narrows when it leaves) and a long one, blocks of 4: after
+    the short row is done, the long one goes on with its own cache rows and gets the reference's tokens."""
+    config = SamplingConfig(cache="dual", cfg_scale=cfg_scale, block_length=4, stop_at_eos=False)
     denoiser = Denoiser(lm, config)
-    denoiser.add(generation_canvas(lm, [PROMPTS[1]], 4), short, keys=["short"])
-    denoiser.add(generation_canvas(lm, [PROMPTS[0]], 6), config, keys=["long"])
+    denoiser.add(generation_canvas(lm, [LONG_PROMPT], 4), config, keys=["short"])
+    denoiser.add(generation_canvas(lm, [PROMPTS[0]], 12), config, keys=["long"])
     together, widths = {}, []
     while len(denoiser):
         together.update((f.key, f.token_ids) for f in denoiser.step().finished if f)
         widths.append(denoiser.rows["ids"].shape[1] if len(denoiser) else 0)
-    assert together == alone
+    assert together == {
+        "short": cached_generate(lm, LONG_PROMPT, 4, 4, 4, "dual", cfg_scale=cfg_scale),
+        "long": cached_generate(lm, PROMPTS[0], 12, 12, 4, "dual", cfg_scale=cfg_scale),
+    }
     assert widths[3] < widths[2]  # the short row left after its 4th step, and its columns went with it
 
 
 @pytest.mark.parametrize(
-    "options",
-    [dict(cache="dual"), dict(cache="prefix", refresh_every=3), dict(cache="dual", cfg_scale=1.5, temperature=1.0)],
+    "options", [dict(cache="dual"), dict(cache="prefix", refresh_every=3), dict(cache="dual", cfg_scale=1.5)]
 )
 def test_a_row_joining_a_cached_batch_changes_no_row(lm, options):
     """Each row refreshes its cache on its own rhythm (its block starts, its refresh_every), so a row that
-    joins mid-block gets what it gets alone and the rows already there go on as they do alone."""
-    config = SamplingConfig(block_length=4, stop_at_eos=False, seed=5, **options)
-    early = SamplingConfig(**{**config.__dict__, "seed": 9})
-    alone = {
-        "late": generate(lm, [PROMPTS[2]], max_new_tokens=8, config=config).token_ids[0],
-        "a": generate(lm, [PROMPTS[0]], max_new_tokens=12, config=early).token_ids[0],
-        "b": generate(
-            lm, [PROMPTS[1]], max_new_tokens=12, config=SamplingConfig(**{**early.__dict__, "seed": 10})
-        ).token_ids[0],
-    }
+    joins mid-block (and widens the batch: its prompt is long) and the rows already there each get the
+    reference's tokens."""
+    config = SamplingConfig(block_length=4, stop_at_eos=False, **options)
     denoiser = Denoiser(lm, config)
-    denoiser.add(generation_canvas(lm, PROMPTS[:2], 12), early, keys=["a", "b"])
+    denoiser.add(generation_canvas(lm, PROMPTS[:2], 12), config, keys=["a", "b"])
     together = {}
     for _ in range(2):  # the early rows are mid-block when the late one joins
         together.update((f.key, f.token_ids) for f in denoiser.step().finished if f)
-    denoiser.add(generation_canvas(lm, [PROMPTS[2]], 8), config, keys=["late"])
+    denoiser.add(generation_canvas(lm, [LONG_PROMPT], 8), config, keys=["late"])
     while len(denoiser):
         together.update((f.key, f.token_ids) for f in denoiser.step().finished if f)
-    assert together == alone
+    assert together == {
+        "a": cached_generate(lm, PROMPTS[0], 12, 12, 4, **options),
+        "b": cached_generate(lm, PROMPTS[1], 12, 12, 4, **options),
+        "late": cached_generate(lm, LONG_PROMPT, 8, 8, 4, **options),
+    }
 
 
 def test_cache_needs_a_supported_architecture(lm, monkeypatch):

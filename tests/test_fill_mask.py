@@ -1,7 +1,8 @@
 import pytest
 
 from diffutron.errors import UsageError
-from diffutron.fill_mask import encode_with_masks, fill_mask
+from diffutron.fill_mask import fill_mask
+from diffutron.mask_syntax import encode_with_masks
 
 
 def test_top_k_per_mask_sorted_with_probabilities(tiny_lm):

@@ -404,3 +404,35 @@ def test_select_top_equals_per_row_topk():
     for row in range(6):
         expected = set(torch.topk(scores[row], int(counts[row])).indices.tolist())
         assert set(chosen[row].nonzero().flatten().tolist()) == expected
+
+
+def imported_modules(path) -> set[str]:
+    """Every `diffutron` module a source file imports, at the top or inside a function."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("diffutron")}
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        # The sampler reads mask syntax from its own home, not from the fill-mask feature beside it.
+        ("sampling", ("diffutron.fill_mask", "diffutron.data", "diffutron.train", "diffutron.serve", "diffutron.cli")),
+        # The server renders chat with the chat module, never through the training data pipeline.
+        ("serve", ("diffutron.data", "diffutron.train", "diffutron.cli")),
+    ],
+)
+def test_imports_point_one_way(package, forbidden):
+    from pathlib import Path
+
+    import diffutron
+
+    for path in sorted((Path(diffutron.__file__).parent / package).glob("*.py")):
+        wrong = {name for name in imported_modules(path) if name.startswith(forbidden)}
+        assert not wrong, f"{package}/{path.name} imports {sorted(wrong)}"

@@ -149,7 +149,7 @@ def test_stream_canvas_shows_each_step(client, lm):
 
 
 def test_chat_renders_messages_as_sft_does(client, lm):
-    from diffutron.data.sft import render_prompt
+    from diffutron.chat import render_prompt
 
     messages = [{"role": "system", "content": "Kısa yanıt ver."}, {"role": "user", "content": "Ankara nerede?"}]
     body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 12}).json()

@@ -4,8 +4,8 @@ Layout of a sequence: `[CLS] prompt response [SEP] [SEP] ... [SEP]` up to `max_l
 (with [CLS]) is never masked and never in the loss. The response is followed by end-of-sequence
 tokens up to the full length, and those are part of the response: masked and learned like any other
 token, so that the model learns to end its answer -- when sampling, a settled [SEP] ends the text
-(LLaDA's SFT does the same with its |EOS| padding). Prompts are rendered with the tokenizer's chat
-template when it has one, else with the simple template below.
+(LLaDA's SFT does the same with its |EOS| padding). Prompts are rendered by `diffutron.chat`
+(the tokenizer's chat template when it has one, else a simple one), as the server renders chat.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
+from diffutron.chat import render_prompt
 from diffutron.errors import DiffutronError
 from diffutron.tokenizer import special_affixes
-
-SIMPLE_TEMPLATE = "Kullanıcı: {prompt}\nAsistan: "
 
 
 def _pairs(path: Path) -> list[tuple[list[dict], str]]:
@@ -45,13 +44,6 @@ def _pairs(path: Path) -> list[tuple[list[dict], str]]:
     if not pairs:
         raise DiffutronError(f"{path}: no instruction records")
     return pairs
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    turns = [m["content"] for m in messages if m.get("role") == "user"]
-    return SIMPLE_TEMPLATE.format(prompt="\n".join(turns))
 
 
 def load_sft(path: str | Path, tokenizer, max_length: int) -> dict[str, torch.Tensor]:

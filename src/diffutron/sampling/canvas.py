@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from diffutron.errors import UsageError
-from diffutron.fill_mask import encode_with_masks
+from diffutron.mask_syntax import encode_with_masks
 from diffutron.sampling.config import SamplingConfig
 
 

@@ -179,7 +179,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: schemas.ChatRequest, request: Request):
-        from diffutron.data.sft import render_prompt
+        from diffutron.chat import render_prompt
 
         # rendered here, not on the engine thread: its length is checked before any tokenising (a chat
         # template only formats text; the plain one keeps the user turns only)
@@ -259,8 +259,9 @@ def create_app(
     # -- one-forward calls ---------------------------------------------------------------------
     @app.post("/v1/fill-mask", dependencies=v1)
     async def fill_mask(body: schemas.FillMaskRequest) -> dict:
-        from diffutron.fill_mask import DEFAULT_TOP_K, count_masks
+        from diffutron.fill_mask import DEFAULT_TOP_K
         from diffutron.fill_mask import fill_mask as top_candidates
+        from diffutron.mask_syntax import count_masks
 
         check_model(body.model)
         check_fits([body.text], "text")

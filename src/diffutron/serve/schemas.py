@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
 from diffutron.errors import UsageError
-from diffutron.fill_mask import SPAN
+from diffutron.mask_syntax import SPAN
 from diffutron.sampling import SamplingConfig, user_config
 from diffutron.sampling.config import FIELDS, MAX_NEW_TOKENS, MAX_SEED
 
