@@ -1,4 +1,5 @@
-"""Fill-mask: the top-k candidates at every `<mask>` of a text, from one forward pass.
+"""Fill-mask: the top-k candidates at every `<mask>` of a text, from one forward pass, and whole words at
+every `<word>` (word_fill.py).
 
 Each mask is predicted independently given the visible text (the masked-LM view). Filling several
 masks jointly, each choice conditioning the next, is the sampler's job (`diffutron.sampling`).
@@ -11,7 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from diffutron.errors import UsageError
-from diffutron.mask_syntax import PLACEHOLDER, encode_with_masks
+from diffutron.mask_syntax import PLACEHOLDER, blanks, count_masks, encode_with_masks
+from diffutron.word_fill import DEFAULT_BEAM, WordCandidates, fill_words, word_limit
 
 DEFAULT_TOP_K = 5
 
@@ -29,18 +31,39 @@ class Candidate:
 
 
 @torch.no_grad()
-def fill_mask(lm, text: str, top_k: int = DEFAULT_TOP_K, sequences: bool = True) -> list[list[Candidate]]:
-    """For each mask of `text`, in order, its `top_k` candidates with their probabilities, and with
-    `sequences` the text with each in place (a decoding of the whole text per candidate)."""
+def fill_mask(
+    lm,
+    text: str,
+    top_k: int = DEFAULT_TOP_K,
+    sequences: bool = True,
+    max_tokens: int | None = None,
+    beam: int = DEFAULT_BEAM,
+) -> list[list[Candidate] | WordCandidates]:
+    """For each blank of `text`, in order, its `top_k` candidates: at each mask token (`<mask>`, each of
+    `<mask*N>`) `Candidate`s with their probabilities, at each `<word>` whole words (`WordCandidate`s of
+    1..`max_tokens` tokens, `beam` chains a length: word_fill.py), as a `WordCandidates` list. With
+    `sequences`, each candidate's text in place (for a mask, a decoding of the whole text per candidate)."""
     if top_k < 1:
         raise UsageError(f"top-k must be at least 1, got {top_k}")
-    ids = torch.tensor([encode_with_masks(lm, text)], device=lm.device)
+    variable = [b for b in blanks(text) if b.variable]
+    # fill_words refuses a <mask*?> (infill's)
+    words = fill_words(lm, text, top_k, word_limit(lm, max_tokens), beam, sequences=sequences) if variable else []
+    # the masks see every <word> as one mask
+    ids = torch.tensor([encode_with_masks(lm, text, [1] * len(variable))], device=lm.device)
     positions = ids == lm.mask_id
-    probs = lm(ids, positions=positions).float().softmax(dim=-1)
-    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    mask_columns = positions[0].nonzero().flatten().tolist()
+    columns = positions[0].nonzero().flatten().tolist()
+    word_at = {columns[count_masks(lm, text[: b.start], [1] * i)]: i for i, b in enumerate(variable)}
+    masks = [column for column in columns if column not in word_at]
+    if masks:
+        positions[0, list(word_at)] = False
+        probs = lm(ids, positions=positions).float().softmax(dim=-1)
+        top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     results = []
-    for mask_index, column in enumerate(mask_columns):
+    for column in columns:
+        if column in word_at:
+            results.append(words[word_at[column]])
+            continue
+        mask_index = masks.index(column)
         candidates = []
         for prob, token_id in zip(top.values[mask_index].tolist(), top.indices[mask_index].tolist(), strict=True):
             candidate = Candidate(token=lm.tokenizer.decode([token_id]), token_id=token_id, prob=prob)

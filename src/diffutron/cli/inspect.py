@@ -155,23 +155,44 @@ def eval_(
 
 @app.command("fill-mask")
 def fill_mask_(
-    args: list[str] = typer.Argument(..., metavar="[MODEL] TEXT", help="TEXT with one or more <mask>"),
+    args: list[str] = typer.Argument(..., metavar="[MODEL] TEXT", help="TEXT with one or more <mask> or <word>"),
     top_k: int = typer.Option(5, "--top-k", min=1),
+    max_tokens: int | None = typer.Option(
+        None,
+        "--max-tokens",
+        min=1,
+        help="<word>: the longest word tried, in tokens [default: what holds 99%% of the bundled corpus's words]",
+    ),
+    beam: int = typer.Option(8, "--beam", min=1, help="<word>: the chains kept per length in the search"),
     device: str | None = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Top-k candidates, with probabilities, for every <mask> in TEXT."""
+    """Top-k candidates, with probabilities, for every <mask> in TEXT; whole words, of any length up to
+    --max-tokens, for every <word>."""
     from diffutron.fill_mask import fill_mask
+    from diffutron.word_fill import WordCandidates
 
     model, text = model_and_text(args, "fill-mask")
     lm = load_model(model, device)
-    masks = fill_mask(lm, text, top_k=top_k)
+    found = fill_mask(lm, text, top_k=top_k, max_tokens=max_tokens, beam=beam)
+    masks = [m for m in found if not isinstance(m, WordCandidates)]
+    words = [w for w in found if isinstance(w, WordCandidates)]
     if as_json:
-        return print_json({"model": lm.name, "text": text, "masks": [[c.to_dict() for c in m] for m in masks]})
+        payload = {"model": lm.name, "text": text, "masks": [[c.to_dict() for c in m] for m in masks]}
+        if words:
+            payload["words"] = [[c.to_dict() for c in w] for w in words]
+        return print_json(payload)
     for number, candidates in enumerate(masks, start=1):
         table = Table(title=f"<mask> {number} of {len(masks)}")
         for column in ("token", "prob", "text"):
             table.add_column(column)
         for c in candidates:
             table.add_row(repr(c.token), f"{c.prob:.4f}", c.sequence)
+        out.print(table)
+    for number, candidates in enumerate(words, start=1):
+        table = Table(title=f"<word> {number} of {len(words)}")
+        for column in ("word", "tokens", "score", "text"):
+            table.add_column(column)
+        for c in candidates:
+            table.add_row(c.text, str(c.length), f"{c.score:.2f}", c.sequence)
         out.print(table)

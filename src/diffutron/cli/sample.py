@@ -217,7 +217,9 @@ def _figures(result) -> dict:
 
 @app.command("infill")
 def infill_(
-    args: list[str] = typer.Argument(..., metavar="[MODEL] TEXT", help="TEXT with <mask> (one token) or <mask*N>"),
+    args: list[str] = typer.Argument(
+        ..., metavar="[MODEL] TEXT", help="TEXT with <mask> (one token), <mask*N>, or one <mask*?> / <mask*A-B>"
+    ),
     steps: int | None = INFILL["steps"],
     policy: str | None = INFILL["policy"],
     temperature: float | None = INFILL["temperature"],
@@ -234,7 +236,8 @@ def infill_(
     device: str | None = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Fill every <mask> of TEXT jointly, keeping every given token."""
+    """Fill every <mask> of TEXT jointly, keeping every given token. A span of unknown length (<mask*?>:
+    1 to 8 tokens, <mask*A-B>: A to B) is filled at each length and the best-scoring filling kept."""
     from diffutron.sampling import infill, user_config
 
     if len(args) > 2:
@@ -246,6 +249,8 @@ def infill_(
     )
     if as_json:
         row = {"text": result.texts[0], "tokens": result.token_ids[0], "finished_by": result.finished_by[0]}
+        if result.lengths and result.lengths[0] is not None:
+            row["lengths"] = result.lengths[0]  # every length tried, with its score
         return print_json({"model": lm.name, "input": text, **row, **_figures(result)})
     _write_texts(result.texts, None, full=False)
     _summary(result)

@@ -3,7 +3,9 @@
 Generation: `[CLS] prompt [MASK] x max_new_tokens [SEP]` (frame "closed": the frame the encoder saw in
 training) or `[CLS] prompt [MASK] x max_new_tokens` (frame "open": LLaDA's and dllm's canvas, which
 ends with the masks), rows of different prompt lengths padded on the right. Infill: the user's text
-with every `<mask>` (one token) or `<mask*N>` (N tokens) as masks.
+with every `<mask>` (one token) or `<mask*N>` (N tokens) as masks; a text with a span of unknown length
+(`<mask*?>`, `<mask*A-B>`) is one row per length, each row its own number of steps (word_fill.py
+then keeps the best filling).
 Each row records where its generated region starts and how long it is, so that blocks, stopping and
 decoding are tensor operations over the whole batch.
 """
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from diffutron.errors import UsageError
-from diffutron.mask_syntax import encode_with_masks
+from diffutron.mask_syntax import blanks, count_masks, encode_with_masks
 from diffutron.sampling.config import SamplingConfig
 
 
@@ -30,6 +32,11 @@ class Canvas:
     # (0 length, 1 EOS, 2 stop sequence).
     end: torch.Tensor | None = None
     reason: torch.Tensor | None = None
+    # Per row, its steps when rows need different numbers (the lengths of an unknown-length span)
+    steps: torch.Tensor | None = None
+    # Infill of unknown-length spans (None when no text has one): per row, the text it fills and the
+    # span's positions [start, end), or None for a text without such a span
+    spans: list[tuple[int, tuple[int, int] | None]] | None = None
 
 
 def generation_canvas(
@@ -65,15 +72,44 @@ def generation_canvas(
 
 
 def infill_canvas(lm, texts: list[str]) -> Canvas:
-    """`<mask>` is one token to fill, `<mask*N>` is N; the tokenizer's own mask token works too."""
-    rows = [encode_with_masks(lm, text) for text in texts]
+    """`<mask>` is one token to fill, `<mask*N>` is N; the tokenizer's own mask token works too. A text
+    with one `<mask*?>` (1 to SPAN_LIMIT tokens) or `<mask*A-B>` is a row per length (`spans`)."""
+    rows, spans = [], []
+    for index, text in enumerate(texts):
+        variable = [b for b in blanks(text) if b.variable]
+        if not variable:
+            rows.append(encode_with_masks(lm, text))
+            spans.append((index, None))
+            continue
+        if variable[0].word:
+            raise UsageError("<word> is fill-mask's (whole-word candidates); infill fills <mask*?> or <mask*A-B>")
+        if len(variable) > 1:
+            raise UsageError("infill takes one span of unknown length (<mask*?> or <mask*A-B>) per text")
+        blank = variable[0]
+        ids = encode_with_masks(lm, text, [blank.longest])  # the longest row must fit the context
+        start = [i for i, t in enumerate(ids) if t == lm.mask_id][count_masks(lm, text[: blank.start])]
+        left, right = ids[:start], ids[start + blank.longest :]
+        for n in blank.lengths:
+            rows.append(left + [lm.mask_id] * n + right)
+            spans.append((index, (start, start + n)))
     canvas = _pad(lm, rows)
     canvas.fillable = canvas.ids == lm.mask_id
     position = torch.arange(canvas.ids.shape[1]).expand_as(canvas.ids)
     first = torch.where(canvas.fillable, position, canvas.ids.shape[1]).min(dim=1).values
     last = torch.where(canvas.fillable, position, -1).max(dim=1).values
     canvas.gen_start, canvas.gen_length = first, last - first + 1
+    canvas.spans = spans if any(span is not None for _, span in spans) else None
     return canvas
+
+
+def infill_steps(canvas: Canvas, steps: int | None) -> int:
+    """The steps of an infill: `steps`, or one token a step for the row with the most masks. With spans of
+    unknown length, each row is filled as it would be alone: `canvas.steps` gets its own masks (at most
+    `steps`)."""
+    masks = canvas.fillable.sum(dim=1)
+    if canvas.spans is not None:
+        canvas.steps = masks.clamp(max=steps) if steps else masks
+    return steps or int(masks.max())
 
 
 def _pad(lm, rows: list[list[int]]) -> Canvas:

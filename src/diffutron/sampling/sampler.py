@@ -26,6 +26,7 @@ same tokens alone or in company. Rows leaving take their cache rows with them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import torch
 from diffutron.errors import UsageError
 from diffutron.sampling import policies
 from diffutron.sampling.cache import SUPPORTED, EncoderCache, spans, supports
-from diffutron.sampling.canvas import Canvas, generation_canvas, infill_canvas
+from diffutron.sampling.canvas import Canvas, generation_canvas, infill_canvas, infill_steps
 from diffutron.sampling.config import MAX_SEED, SamplingConfig
 from diffutron.sampling.rng import REVEAL_ORDER, TOKEN_DRAW, uniforms
 from diffutron.sampling.text import SettledText
@@ -67,6 +68,9 @@ class GenerationResult:
     finished_by: list[str]  # per row: "eos", "stop", or "length"
     history: list[torch.Tensor] = field(default_factory=list)  # per step [B, L] canvases, if asked
     row_passes: list[int] = field(default_factory=list)  # per row: the forward passes it took part in
+    # infill of a span of unknown length: per text, every length tried ({"length", "score", "text"}), or
+    # None for a text without one; the history then has a row per length
+    lengths: list[list[dict] | None] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,7 +156,7 @@ class Denoiser:
         if (block_length < 1).any() or (length % block_length).any():
             raise UsageError(f"block_length {config.block_length} must divide the generated length {int(length.max())}")
         num_blocks = length // block_length
-        steps = torch.tensor([config.steps or int(s) for s in length])
+        steps = torch.tensor([config.steps or int(s) for s in length]) if canvas.steps is None else canvas.steps.long()
         if (steps % num_blocks).any():
             raise UsageError(f"steps {config.steps} must be a multiple of the number of blocks {int(num_blocks.max())}")
         ids = canvas.ids.to(self.device)
@@ -540,13 +544,29 @@ def infill(
 ) -> GenerationResult:
     """Fill every `<mask>` (one token) / `<mask*N>` (N tokens) of each text jointly; given tokens never change.
 
-    The masks of a row form one block; `steps` defaults to the most masks of a row.
+    The masks of a row form one block; `steps` defaults to the most masks of a row. A span of unknown
+    length (`<mask*?>`, `<mask*A-B>`) is filled at every length, a row each (as `<mask*n>` alone, at most
+    `steps` steps), and the filling with the best score is kept (word_fill.py): `lengths` lists them all.
     """
     started = time.perf_counter()
     texts = [texts] if isinstance(texts, str) else list(texts)
     config = config or SamplingConfig(**options)
     config.validate()
     canvas = infill_canvas(lm, texts)
-    steps = config.steps or int(canvas.fillable.sum(dim=1).max())  # one token per step for the longest row
+    steps = infill_steps(canvas, config.steps)
     config = SamplingConfig(**{**config.__dict__, "steps": steps, "block_length": None})
-    return _run(lm, canvas, config, callback, "infill", started)
+    result = _run(lm, canvas, config, callback, "infill", started)
+    if canvas.spans is None:
+        return result
+    from diffutron.word_fill import best_lengths
+
+    chosen = best_lengths(lm, canvas.spans, result.token_ids, result.texts)
+    return dataclasses.replace(
+        result,
+        texts=[result.texts[c.row] for c in chosen],
+        token_ids=[result.token_ids[c.row] for c in chosen],
+        finished_by=[result.finished_by[c.row] for c in chosen],
+        row_passes=[result.row_passes[c.row] for c in chosen],
+        lengths=[c.lengths for c in chosen],
+        seconds=time.perf_counter() - started,
+    )

@@ -188,26 +188,60 @@ def create_app(
 
     @app.post("/v1/infill", dependencies=v1)
     async def infill(body: schemas.InfillRequest, request: Request):
+        from diffutron.mask_syntax import blanks
+
         check_model(body.model)
         texts = body.texts()
         config = body.sampling_config("infill")
         check_fits(texts, "text")
+        # a span of unknown length is a row per length: counted before any tokenising
+        variable = [[b for b in blanks(t) if b.variable] for t in texts]
+        unknown = any(variable)
+        if unknown:
+            body.check_unknown_lengths(sum(len(v[0].lengths) if v else 1 for v in variable), engine.max_batch)
 
         def prepare() -> Prepared:
             from diffutron.sampling import infill_canvas
+            from diffutron.sampling.canvas import infill_steps
 
             canvas = infill_canvas(lm, texts)
             # as `sampling.infill`: the masks of a row are one block, one token per step for the longest row
             masks = int(canvas.fillable.sum(dim=1).max())
             schemas.check_steps(config.steps, masks, "the masks of the text")
-            steps = config.steps or masks
-            given = int((canvas.attention_mask.bool() & ~canvas.fillable).sum()) - len(texts) * sum(
+            steps = infill_steps(canvas, config.steps)
+            owners = [t for t, _ in canvas.spans] if canvas.spans is not None else list(range(len(texts)))
+            firsts = [owners.index(t) for t in range(len(texts))]  # given tokens counted once per text
+            given = int((canvas.attention_mask.bool() & ~canvas.fillable)[firsts].sum()) - len(texts) * sum(
                 len(a) for a in lm.special_affixes
             )
             return Prepared(canvas, dataclasses.replace(config, steps=steps, block_length=None), given)
 
         job = Job("infill", prepare, stream=body.stream, canvas_events=body.stream)
-        return await answer(job, InfillFormatter(model_id, job.id), request, "infill")
+        if not unknown:
+            return await answer(job, InfillFormatter(model_id, job.id), request, "infill")
+        return await infill_unknown_lengths(job, request)
+
+    async def infill_unknown_lengths(job: Job, request: Request):
+        """Every length of each text's unknown-length span filled (a row each), then the best kept: the
+        rows' scores are one more call on the engine thread."""
+        from diffutron.word_fill import best_lengths
+
+        await engine.submit(job)
+        finished = await unless_disconnected(engine.result(job), request, f"{job.id} infill")
+        if finished is not None:
+            log_request(job, "infill", finished)
+            results, spans = finished.results, job.prepared.canvas.spans
+            rows, texts = [r.token_ids for r in results], [r.text for r in results]
+            work = engine.call(lambda: best_lengths(lm, spans, rows, texts))
+            chosen = await unless_disconnected(work, request, f"{job.id} infill scores")
+        if finished is None or chosen is None:  # the client went away: its rows or call were dropped
+            return JSONResponse(error_body("client disconnected"), status_code=499)
+        response = InfillFormatter(model_id, job.id).response(finished)
+        response["choices"] = [
+            {"index": t, "text": results[c.row].text} | ({"lengths": c.lengths} if c.lengths is not None else {})
+            for t, c in enumerate(chosen)
+        ]
+        return response
 
     async def answer(job: Job, formatter: Formatter, request: Request, kind: str):
         await engine.submit(job)
@@ -261,22 +295,37 @@ def create_app(
     async def fill_mask(body: schemas.FillMaskRequest) -> dict:
         from diffutron.fill_mask import DEFAULT_TOP_K
         from diffutron.fill_mask import fill_mask as top_candidates
-        from diffutron.mask_syntax import count_masks
+        from diffutron.mask_syntax import blanks, count_masks
+        from diffutron.word_fill import DEFAULT_BEAM, WordCandidates, word_limit
 
         check_model(body.model)
         check_fits([body.text], "text")
-        top_k = body.top_k or DEFAULT_TOP_K
+        top_k, beam = body.top_k or DEFAULT_TOP_K, body.beam or DEFAULT_BEAM
         asked = count_masks(lm, body.text)
         body.check_candidates(asked, top_k)
+        words = sum(b.word for b in blanks(body.text))
+        if body.max_tokens is not None:
+            body.check_words(words, body.max_tokens, beam)  # before the queue, when the length is given
         sequences = body.sequences if body.sequences is not None else asked == 1
+
+        def fill():
+            limit = word_limit(lm, body.max_tokens) if words else None  # the default: the corpus's words, read once
+            body.check_words(words, limit or 0, beam)
+            return top_candidates(lm, body.text, top_k, sequences=sequences, max_tokens=limit, beam=beam)
+
         started = time.perf_counter()
-        masks = await engine.call(lambda: top_candidates(lm, body.text, top_k, sequences=sequences))
-        log.info("fill-mask masks=%d seconds=%.3f", len(masks), time.perf_counter() - started)
-        return {
+        found = await engine.call(fill)
+        log.info("fill-mask blanks=%d seconds=%.3f", len(found), time.perf_counter() - started)
+        masks = [m for m in found if not isinstance(m, WordCandidates)]
+        answer = {
             "object": "diffutron.fill_mask",
             "model": model_id,
             "masks": [{"index": i, "candidates": [c.to_dict() for c in m]} for i, m in enumerate(masks)],
         }
+        if words:
+            found_words = [w for w in found if isinstance(w, WordCandidates)]
+            answer["words"] = [{"index": i, "candidates": [c.to_dict() for c in w]} for i, w in enumerate(found_words)]
+        return answer
 
     @app.post("/v1/score", dependencies=v1)
     async def score(body: schemas.ScoreRequest, request: Request):

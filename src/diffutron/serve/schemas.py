@@ -27,6 +27,9 @@ MAX_SCORE_CHARS, MAX_SCORE_SAMPLES, MAX_ELBO_SAMPLES = 10_000, 8, 64
 MAX_FILL_MASK_TOP_K = 100
 # masks x top_k: each candidate is a row of the answer (and, with sequences, a decoded copy of the text)
 MAX_FILL_MASK_CANDIDATES = 1_000
+# <word> blanks x lengths x beam: the chains a word fill follows, each a row of each step's forward (and
+# its scoring). The default (one <word>, 4 lengths, beam 8) is 32.
+MAX_WORD_WORK, MAX_WORD_BEAM = 64, 32
 # One rule for every seed of the API: the sampler's generators are int64 (sampling/rng.py)
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
@@ -63,7 +66,7 @@ def check_fits(texts: list[str], max_chars: int, context: int, param: str) -> No
     SentencePiece); one whose normaliser drops characters or that writes one [UNK] for a whole unknown
     word could fit a longer text, which is refused all the same."""
     for text in texts:
-        chars = len(SPAN.sub("", text)) if "<mask" in text else len(text)
+        chars = len(SPAN.sub("", text)) if "<" in text else len(text)
         if chars > max_chars:
             raise BadRequest(
                 f"{param} is {chars:,} characters long: more than the model's context of {context} tokens can "
@@ -226,11 +229,27 @@ class ChatRequest(Generation):
 
 
 class InfillRequest(InfillSampling):
-    text: str | list[str]  # with <mask> (one token) / <mask*N> (N tokens)
+    text: str | list[str]  # with <mask> (one token) / <mask*N> (N tokens) / one <mask*?> or <mask*A-B>
     stream: bool = False  # a `diffutron.step` event per step, then the result
 
     def texts(self) -> list[str]:
         return one_or_more(self.text, "text")
+
+    def check_unknown_lengths(self, rows: int, max_batch: int) -> None:
+        """A span of unknown length is a row per length, scored once all are filled: no stream, and rows
+        within --max-batch."""
+        if self.stream:
+            raise BadRequest(
+                "stream is not available with a span of unknown length (<mask*?>, <mask*A-B>): its lengths are "
+                "filled side by side and compared once all are done",
+                "stream",
+            )
+        if rows > max_batch:
+            raise BadRequest(
+                f"the request asks for {rows} rows (a row per text, and per length of a <mask*?> / <mask*A-B>), "
+                f"more than --max-batch {max_batch}",
+                "text",
+            )
 
 
 class FillMaskRequest(Body):
@@ -238,6 +257,18 @@ class FillMaskRequest(Body):
     top_k: int | None = Field(None, ge=1, le=MAX_FILL_MASK_TOP_K)
     # each candidate's `sequence` (the text with it in place): by default only for a text with one mask
     sequences: bool | None = None
+
+    max_tokens: int | None = Field(None, ge=1)  # <word>: the longest word tried, in tokens
+    beam: int | None = Field(None, ge=1, le=MAX_WORD_BEAM)  # <word>: the chains kept per length
+
+    def check_words(self, words: int, lengths: int, beam: int) -> None:
+        if words * lengths * beam > MAX_WORD_WORK:
+            raise BadRequest(
+                f"the text has {words} <word> blanks: with {lengths} lengths and beam {beam} that is "
+                f"{words * lengths * beam:,} chains to follow, more than {MAX_WORD_WORK} (fewer <word>, a smaller "
+                "max_tokens or beam)",
+                "beam" if self.beam is not None else "max_tokens" if self.max_tokens is not None else "text",
+            )
 
     def check_candidates(self, masks: int, top_k: int) -> None:
         if masks * top_k > MAX_FILL_MASK_CANDIDATES:
