@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # script -> (the smallest arguments, keys its JSON must have)
 CASES = {
+    "batch_invariance": ("--models preset:tiny --prompts 2 --new-tokens 8 --settings greedy", ["models"]),
     "packed_head": ("--vocab 2000 --hidden 64 --rows 1,16 --repeats 1", ["table"]),
     "decode_step_profile": ("--preset tiny --steps 2", ["speedup_dual"]),
     "fast_decoding": (
