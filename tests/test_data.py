@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import json
 from collections import Counter
 
@@ -133,6 +134,80 @@ def test_exact_and_near_duplicates():
     assert dedup.is_duplicate(long_text + " Ek.", stats)  # nearly the same
     assert not dedup.is_duplicate("Bambaşka bir metin: " + TR2 + " Kars, Erzurum ve Van doğudadır.", stats)
     assert stats.rejected == {"duplicate_exact": 1, "duplicate_near": 1}
+
+
+def _with_planted_duplicates(texts, seed=0):
+    """`texts`, with every 3rd of more than 20 words again with one word changed (a near duplicate or
+    not: one word is 5 shingles of a short text) and every 13th again as it is, later."""
+    import random
+
+    rng, out = random.Random(seed), list(texts)
+    for i, text in enumerate(texts):
+        words = text.split()
+        if i % 3 == 0 and len(words) > 20:
+            words[rng.randrange(len(words))] = "değişti"
+            out.insert(rng.randrange(i + 1, len(out) + 1), " ".join(words))
+        if i % 13 == 0:
+            out.insert(rng.randrange(i + 1, len(out) + 1), text)
+    return out
+
+
+def test_compact_band_keys_drop_the_documents_datasketch_lsh_drops():
+    """The reference: datasketch's MinHashLSH holding every band's values, on the bundled corpus with
+    planted duplicates; the Deduplicator drops the same documents, one at a time or chunk by chunk."""
+    from datasketch import MinHashLSH
+
+    from diffutron.data import bundled_documents
+    from diffutron.data.clean import dedup_keys, minhash, normalized_for_dedup
+
+    config = CleanConfig()
+    texts = _with_planted_duplicates([d.text for d in bundled_documents("train")])
+    seen, lsh, expected = set(), MinHashLSH(threshold=config.near_threshold, num_perm=config.num_perm), []
+    for number, text in enumerate(texts):
+        normal = normalized_for_dedup(text)
+        digest, signature = hashlib.blake2b(normal.encode(), digest_size=8).digest(), minhash(normal, config.num_perm)
+        if digest in seen:
+            expected.append("duplicate_exact")
+            continue
+        seen.add(digest)
+        if signature is not None and lsh.query(signature):
+            expected.append("duplicate_near")
+            continue
+        if signature is not None:
+            lsh.insert(number, signature)
+        expected.append(None)
+    counts = Counter(expected)
+    assert counts["duplicate_near"] > 150 and counts["duplicate_exact"] > 150  # the test has something to find
+    keys = [dedup_keys(text, config) for text in texts]
+    assert keys[:300] == [dedup_keys(text, config, piece=50) for text in texts[:300]]  # long texts in pieces
+    one_by_one, stats = Deduplicator(config), CleanStats()
+    assert [one_by_one.check(*k) for k in keys] == expected
+    chunked = Deduplicator(config)
+    assert [r for start in range(0, len(keys), 100) for r in chunked.check_many(keys[start : start + 100])] == expected
+    kept_with_bands = sum(1 for k, r in zip(keys, expected, strict=True) if r is None and k[1] is not None)
+    # 8 bytes a key: the digest of each document not an exact duplicate, 5 band keys of each one kept
+    assert chunked.nbytes == one_by_one.nbytes == 8 * (len(texts) - counts["duplicate_exact"]) + 40 * kept_with_bands
+
+
+def test_the_near_duplicate_index_takes_few_bytes_a_document():
+    """20k distinct documents: the index holds 6 keys of 8 bytes each (before: ~1.9 KB a document)."""
+    import random
+    import tracemalloc
+
+    from diffutron.data.clean import dedup_keys
+
+    config, rng = CleanConfig(), random.Random(0)
+    words = sorted({w for t in (TR, TR2) for w in t.split()} | {f"kelime{i}" for i in range(5000)})
+    keys = [dedup_keys(" ".join(rng.choices(words, k=30)), config) for _ in range(20_000)]
+    dedup = Deduplicator(config)
+    tracemalloc.start()
+    try:
+        for k in keys:
+            assert dedup.check(*k) is None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / len(keys) < 64
 
 
 # -- packing --------------------------------------------------------------------------------------
