@@ -26,8 +26,9 @@ The training side, in a fresh process on the prepared folder, as diffutron.train
 batch, RSS then (anonymous and file-backed, so that mapped pages are not taken for loaded ones), and a
 whole epoch of batches read without training: the loader's own milliseconds per step.
 
-The corpus lives under --tmp (deleted at the end unless --keep). With --json, the table goes to
-stderr and stdout holds one JSON object.
+The corpus lives under --tmp, deleted at the end unless --keep (a kept corpus is reused by a run with
+the same settings, and left as it is). With --json, the table goes to stderr and stdout holds one
+JSON object.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -207,14 +209,38 @@ def reference_recipe(source: str, num_proc: int):
     return recipe
 
 
+class ChildrenPeakRss(threading.Thread):
+    """The largest VmHWM among this process's children, sampled every `interval` seconds. (ru_maxrss of
+    RUSAGE_CHILDREN would not do: a spawned child starts as a fork, and the parent's pages count.)"""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.peak_mb, self.done = interval, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+                for child in (task / "children").read_text().split():
+                    try:
+                        status = Path(f"/proc/{child}/status").read_text()
+                    except OSError:  # gone meanwhile
+                        continue
+                    for line in status.splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+
+
 def prepare_worker(source: str, num_proc: int, out: str) -> dict:
     from diffutron.data.prepare import prepare
 
     recipe = reference_recipe(source, num_proc)
+    children = ChildrenPeakRss()
+    children.start()
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     stats = prepare(recipe, out)
     seconds = time.perf_counter() - started
+    children.done.set()
     own = resource.getrusage(resource.RUSAGE_SELF)
     workers = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's processes, joined by now
     return {
@@ -222,7 +248,7 @@ def prepare_worker(source: str, num_proc: int, out: str) -> dict:
         "main_cpu_s": own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime,
         "workers_cpu_s": workers.ru_utime + workers.ru_stime,
         "peak_rss_mb": peak_rss_mb(),
-        "worker_peak_rss_mb": workers.ru_maxrss / 1024 if num_proc > 1 else 0.0,
+        "worker_peak_rss_mb": children.peak_mb,
         "tokens": stats["tokens"],
         "sequences": stats["sequences"],
         "documents": stats["documents"],
@@ -242,6 +268,8 @@ def _rss() -> dict:
 def train_worker(folder: str, batch_size: int) -> dict:
     """What a training process does with the folder before its first step, then one epoch of batches."""
     from types import SimpleNamespace
+
+    import datasets  # noqa: F401  (imported before the clock starts: a training process has it already)
 
     from diffutron.config import TrainRecipe
     from diffutron.train import _epoch_loader, load_training_data
@@ -361,7 +389,7 @@ def main() -> None:
         training = run_worker(__file__, "train", str(one["out"]), str(args.batch_size))
     finally:
         shutil.rmtree(outputs, ignore_errors=True)
-        if not args.keep:
+        if not args.keep and not made["reused"]:
             shutil.rmtree(made["folder"], ignore_errors=True)
     many = runs[f"jsonl.zst num_proc {args.num_proc}"]
     summary = {
@@ -376,6 +404,7 @@ def main() -> None:
         "dedup_index_bytes_per_document": (one["dedup_index_bytes"] or 0) / one["documents"]["read"],
         "projected_hours_reference": REFERENCE_TOKENS / one["tokens_per_s"] / 3600,
         "projected_core_hours_reference": REFERENCE_TOKENS / many["tokens_per_cpu_s"] / 3600,
+        "main_cpu_share": many["main_cpu_s"] / many["cpu_s"],  # of the --num-proc run: what bounds its scaling
         "num_proc_speedup": one["seconds"] / many["seconds"],
         "identical_outputs": identical,
         "training": training,
@@ -385,7 +414,8 @@ def main() -> None:
         f"kept {summary['kept_share']:.2%} of documents ({one['rejected_by_reason']}), "
         f"{summary['bytes_per_token']:.2f} output bytes per token, near-dup index "
         f"{summary['dedup_index_bytes_per_document']:.0f} bytes per document; outputs identical: {identical}\n"
-        f"num_proc {args.num_proc}: {summary['num_proc_speedup']:.2f}x num_proc 1; 1.05B tokens: "
+        f"num_proc {args.num_proc}: {summary['num_proc_speedup']:.2f}x num_proc 1, the main process "
+        f"{summary['main_cpu_share']:.1%} of its CPU; 1.05B tokens: "
         f"{summary['projected_hours_reference']:.2f} h in one process, "
         f"{summary['projected_core_hours_reference']:.2f} core-hours with {args.num_proc}\n"
         f"training: first batch after {training['first_batch_s']:.2f} s, RSS {training['before']['rss_mb']:.0f} -> "

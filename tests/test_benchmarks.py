@@ -34,6 +34,10 @@ CASES = {
     "threads": ("--repeats 1 --settings diffutron", ["results"]),
     "serve_load": ("--clients 2 --max-tokens 8 --rounds 1 --time-limit 120", ["speedup", "identical"]),
     "data_pipeline": ("--scales 1 --num-proc 1 --repeats 1", []),
+    "corpus_scale": (
+        "--gb 0.002 --files 2",
+        ["peak_rss_mb", "tokens_per_s", "kept_share", "bytes_per_token", "projected_hours_reference"],
+    ),
     "task_pack_paired": ("--mc-num 1", []),
 }
 
