@@ -258,6 +258,58 @@ def prepare_worker(source: str, num_proc: int, out: str) -> dict:
     }
 
 
+def dedup_side_by_side(source: str, documents: int) -> dict:
+    """The deduplication index on the first `documents` documents: datasketch's MinHashLSH as diffutron
+    used it before (every band's values kept, a bucket per band; exact hashes in a set) against
+    `Deduplicator`; memory held after all of them (tracemalloc) and the main process's CPU per document."""
+    import itertools
+    import tracemalloc
+
+    from datasketch import MinHashLSH
+
+    from diffutron.data.clean import CleanConfig, Deduplicator, dedup_keys, minhash, normalized_for_dedup
+    from diffutron.data.sources import iter_documents
+
+    config = CleanConfig()
+    texts = [d.text for d in itertools.islice(iter_documents(source), documents)]
+    keys = [dedup_keys(text, config) for text in texts]
+    signatures = [minhash(normalized_for_dedup(text), config.num_perm) for text in texts]
+
+    def before() -> tuple:
+        seen, lsh, dropped = set(), MinHashLSH(threshold=config.near_threshold, num_perm=config.num_perm), 0
+        for number, ((digest, _), signature) in enumerate(zip(keys, signatures, strict=True)):
+            duplicate = digest in seen or (signature is not None and bool(lsh.query(signature)))
+            seen.add(digest)
+            if signature is not None and not duplicate:
+                lsh.insert(number, signature)
+            dropped += duplicate
+        return (seen, lsh), dropped
+
+    def after() -> tuple:
+        dedup, dropped = Deduplicator(config), 0
+        for start in range(0, len(keys), 256):  # as data prepare checks a chunk
+            dropped += sum(reason is not None for reason in dedup.check_many(keys[start : start + 256]))
+        return dedup, dropped
+
+    result = {"documents": len(texts)}
+    for name, run in (("datasketch_lsh", before), ("diffutron", after)):
+        started = time.process_time()
+        run()
+        cpu = time.process_time() - started
+        tracemalloc.start()
+        index, dropped = run()
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del index
+        result[name] = {
+            "bytes_per_document": held / len(texts),
+            "peak_bytes_per_document": peak / len(texts),
+            "us_per_document": 1e6 * cpu / len(texts),
+            "dropped": dropped,
+        }
+    return result
+
+
 def _rss() -> dict:
     """Resident memory, and its anonymous and file-backed parts (pages of a memory-mapped file are the latter)."""
     return {
@@ -306,6 +358,9 @@ def worker(kind: str, *args: str) -> dict:
     if kind == "prepare":
         source, num_proc, out = args
         return prepare_worker(source, int(num_proc), out)
+    if kind == "dedup":
+        source, documents = args
+        return dedup_side_by_side(source, int(documents))
     folder, batch_size = args
     return train_worker(folder, int(batch_size))
 
@@ -337,6 +392,7 @@ def main() -> None:
     parser.add_argument("--exact-dups", type=float, default=0.01, help="share of documents copied from the one before")
     parser.add_argument("--near-dups", type=float, default=0.02, help="... copied with one word changed")
     parser.add_argument("--batch-size", type=int, default=16, help="of the training loader (reference: 16 per GPU)")
+    parser.add_argument("--dedup-documents", type=int, default=20_000, help="of the deduplication side by side")
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the corpus and the outputs go")
     parser.add_argument(
         "--keep", action="store_true", help="keep the corpus (a rerun with the same settings reuses it)"
@@ -384,6 +440,17 @@ def main() -> None:
                 file=report,
                 flush=True,
             )
+        dedup = run_worker(__file__, "dedup", made["jsonl"], str(args.dedup_documents))
+        print(
+            f"near-duplicate index on {dedup['documents']:,} documents, bytes per document held (peak), main "
+            f"process CPU per document: datasketch MinHashLSH {dedup['datasketch_lsh']['bytes_per_document']:,.0f} "
+            f"({dedup['datasketch_lsh']['peak_bytes_per_document']:,.0f}), "
+            f"{dedup['datasketch_lsh']['us_per_document']:.1f} us; diffutron "
+            f"{dedup['diffutron']['bytes_per_document']:,.0f} ({dedup['diffutron']['peak_bytes_per_document']:,.0f}), "
+            f"{dedup['diffutron']['us_per_document']:.1f} us",
+            file=report,
+            flush=True,
+        )
         one = runs["jsonl.zst num_proc 1"]
         identical = all(same_shards(one["out"], r["out"]) for r in runs.values())
         training = run_worker(__file__, "train", str(one["out"]), str(args.batch_size))
@@ -407,6 +474,7 @@ def main() -> None:
         "main_cpu_share": many["main_cpu_s"] / many["cpu_s"],  # of the --num-proc run: what bounds its scaling
         "num_proc_speedup": one["seconds"] / many["seconds"],
         "identical_outputs": identical,
+        "dedup_index": dedup,
         "training": training,
         "runs": {name: {k: v for k, v in r.items() if k != "out"} for name, r in runs.items()},
     }

@@ -225,8 +225,8 @@ class Deduplicator:
     The banding is datasketch's MinHashLSH's for the threshold (b bands of r MinHash values), but
     where MinHashLSH keeps every band's values and a bucket per band (~2 KB a document at num_perm
     64), a band is kept as a 64-bit hash of its values (`band_keys`) in a `KeySet`: 8 bytes for the
-    exact hash and 8 per band (48 bytes a document at num_perm 64, threshold 0.8: 5 bands; ~2.6
-    times that for a moment while the largest arrays merge). A
+    exact hash and 8 per band (48 bytes a document at num_perm 64, threshold 0.8: 5 bands; up to
+    ~3 times that for a moment while the largest arrays merge). A
     document is a near duplicate where one of its band keys was seen, as MinHashLSH finds it where a
     band's values were seen; the keys add false matches only where two distinct bands' hashes
     collide: with n keys kept, a new document's b keys collide with probability <= b n / 2**64
