@@ -38,6 +38,10 @@ CASES = {
         ["speedup", "identical", "sequential_forward_passes", "concurrent_forward_passes"],
     ),
     "data_pipeline": ("--scales 1 --num-proc 1 --repeats 1", []),
+    "corpus_scale": (
+        "--gb 0.002 --files 2",
+        ["peak_rss_mb", "tokens_per_s", "kept_share", "bytes_per_token", "projected_hours_reference"],
+    ),
     "task_pack_paired": ("--mc-num 1", []),
     "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
 }
