@@ -248,3 +248,79 @@ def test_unknown_length_infill_keeps_the_best_scoring_length(tiny_lm):
 def test_unknown_length_infill_errors(tiny_lm, text, message):
     with pytest.raises(UsageError, match=message):
         infill(tiny_lm, text)
+
+
+# -- the CLI and the server ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped_lm():
+    from diffutron.model import DiffusionLM
+
+    return DiffusionLM.from_pretrained("tiny-diffutron", device="cpu")
+
+
+def test_cli_word_blanks_and_unknown_lengths_are_the_library(capsys, shipped_lm):
+    from cli_run import last_json, run
+
+    from diffutron.sampling import user_config
+
+    text = "Ankara <word> başkentidir."
+    code, out, _ = run(capsys, "fill-mask", text, "--top-k", "3", "--max-tokens", "2", "--beam", "4", "--json")
+    assert code == 0
+    expected = fill_words(shipped_lm, text, top_k=3, max_tokens=2, beam=4)
+    assert last_json(out)["words"] == [[c.to_dict() for c in expected[0]]] and last_json(out)["masks"] == []
+    code, out, _ = run(capsys, "fill-mask", text, "--top-k", "2")
+    assert code == 0 and "<word> 1 of 1" in out and expected[0][0].text in out
+
+    text = "Ankara <mask*1-3> başkentidir."
+    code, out, _ = run(capsys, "infill", text, "--json")
+    result = infill(shipped_lm, text, user_config("infill"))
+    assert code == 0 and last_json(out)["text"] == result.texts[0]
+    assert [e["length"] for e in last_json(out)["lengths"]] == [1, 2, 3]
+    assert last_json(out)["lengths"] == result.lengths[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fill-mask", "a <mask*?> b"], "infill's"),
+        (["fill-mask", "a <word> b", "--max-tokens", "17"], "max-tokens must be in 1..16"),
+        (["infill", "a <word> b"], "fill-mask's"),
+        (["infill", "a <mask*?> b <mask*2-3>"], "one span of unknown length"),
+    ],
+)
+def test_cli_blank_errors_are_one_line(capsys, argv, message):
+    from cli_run import run
+
+    code, _, err = run(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_server_word_blanks_and_unknown_lengths_are_the_library(shipped_lm):
+    import httpx
+
+    from diffutron.sampling import user_config
+    from diffutron.serve import create_app, serving
+
+    with serving(create_app(shipped_lm, max_batch=16, max_queue=8)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        text = "Bugün <mask> çok <word>."
+        body = c.post("/v1/fill-mask", json={"text": text, "top_k": 3, "max_tokens": 2, "beam": 4}).json()
+        expected = fill_mask(shipped_lm, text, 3, sequences=False, max_tokens=2, beam=4)
+        assert body["masks"] == [{"index": 0, "candidates": [c.to_dict() for c in expected[0]]}]
+        assert body["words"] == [{"index": 0, "candidates": [c.to_dict() for c in expected[1]]}]
+        assert "words" not in c.post("/v1/fill-mask", json={"text": "Bugün <mask>."}).json()
+
+        texts = ["Ankara <mask*?> başkentidir.", "Bugün <mask> güzel."]
+        body = c.post("/v1/infill", json={"text": texts}).json()
+        result = infill(shipped_lm, texts, user_config("infill"))
+        assert [choice["text"] for choice in body["choices"]] == result.texts
+        assert body["choices"][0]["lengths"] == result.lengths[0] and "lengths" not in body["choices"][1]
+
+        for path, request, message in [
+            ("/v1/infill", {"text": texts[0], "stream": True}, "stream is not available"),
+            ("/v1/infill", {"text": [texts[0]] * 3}, "--max-batch 16"),
+            ("/v1/fill-mask", {"text": "a <word> <word> <word> b", "beam": 8, "max_tokens": 4}, "chains"),
+            ("/v1/fill-mask", {"text": "a <mask*?> b"}, "infill's"),
+        ]:
+            reply = c.post(path, json=request)
+            assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
