@@ -43,6 +43,10 @@ CASES = {
         ["peak_rss_mb", "tokens_per_s", "kept_share", "bytes_per_token", "projected_hours_reference"],
     ),
     "task_pack_paired": ("--mc-num 1", []),
+    "word_fill": (
+        "--words 8 --timed 2",
+        ["top1_word", "top5_word", "top5_oracle", "top5_pipeline", "length_accuracy", "time_ratio"],
+    ),
     "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
 }
 

@@ -107,3 +107,18 @@ def test_page_generates_live_in_chromium(base, browser):
     browser.find_element(By.ID, "run").click()
     assert wait_until_done(browser, "Bitti") == "Bitti"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#output tr")) == 1 + 5  # header + top 5
+
+    # the word blank: the button puts <word> where the cursor is; whole words come back, as the API's
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys("Türkiye Büyük Millet  Ankara'da toplandı.")
+    browser.execute_script("const b = document.getElementById('prompt'); b.selectionStart = b.selectionEnd = 21;")
+    browser.find_element(By.ID, "insert_word").click()
+    text = "Türkiye Büyük Millet <word> Ankara'da toplandı."
+    assert box.get_attribute("value") == text
+    browser.find_element(By.ID, "run").click()
+    assert wait_until_done(browser, "Bitti") == "Bitti"
+    expected = httpx.post(base + "/v1/fill-mask", json={"text": text, "top_k": 5}, timeout=120).json()["words"][0]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#words_table tr")[1:]
+    assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == [c["text"] for c in expected["candidates"]]
+    assert not browser.find_elements(By.ID, "masks_table")

@@ -29,6 +29,8 @@ _EXPORTS = {
     "evaluate": "evaluate",
     "evaluate_windows": "evaluate",
     "fill_mask": "fill_mask",
+    "WordCandidate": "word_fill",
+    "fill_words": "word_fill",
     "LoraSettings": "lora",
     "apply_lora": "lora",
     "count_parameters": "lora",

@@ -22,16 +22,16 @@ side of the blank (SCORE_CONTEXT by default): the next word is predicted after t
 "şehridir" after a fragment is unlikely. Every candidate's score is then the same sum over the same
 context tokens plus its own tokens, a PLL-word-l2r of the sentence restricted to a window (context=None:
 the whole sentence, Kauf & Ivanova's sentence score exactly). Longer fillings pay for each token, as a
-likelihood does. The window was chosen by measurement (docs/benchmarks.md, benchmarks/word_fill.py).
+likelihood does. One word a side is the default; `benchmarks/word_fill.py --context N` measures others.
 
 Search (`<word>`). For each length n in 1..K (K: the tokenizer's word lengths on the bundled corpus,
 `word_length_limit`), a beam search fills the span left to right, keeping the `beam` best chains; a
 token is allowed only where it keeps the span one whole word (its first token starts a word, the
 others continue it: `WordPieces`). The lengths run batched, one forward per step. The chains' sums are
 the span's PLL-word-l2r terms; the final candidates of every length get their context terms, one
-forward for all, and are deduplicated by text (the best tokenisation of a word kept). Beam search in
-confidence order (LLaDA's most-confident-first, rescored left to right) was measured against it and
-found fewer correct words (docs/benchmarks.md).
+forward for all, and are deduplicated by text (the best tokenisation of a word kept). The search runs
+left to right only: that is the order whose chain is the score. A search in confidence order (LLaDA's
+most-confident-first, then rescored left to right) is not implemented, so not measured against it.
 
 Unknown length (`<mask*?>`). The sampler fills the span at every length, one row per length batched,
 each as `<mask*n>` alone would be filled; each filling is scored as above and the best one is the answer.
