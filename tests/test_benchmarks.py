@@ -31,7 +31,7 @@ CASES = {
     "eval_throughput": ("--preset tiny --sequences 1 --length 64 --repeats 1", []),
     "train_step": ("--preset tiny --batch 1 --length 64 --repeats 1", []),
     "harness_throughput": ("--preset tiny --questions 2 --mc-num 2 --repeats 1", []),
-    "train_precision": ("--steps 12 --rounds 1", []),
+    "train_precision": ("--steps 3 --warmup 1 --rounds 1 --batch-size 2", []),
     "threads": ("--repeats 1 --settings diffutron", ["results"]),
     "serve_load": (
         "--clients 2 --max-tokens 8 --rounds 1 --time-limit 120",
