@@ -17,9 +17,9 @@ import pytest
 import torch
 
 PRECISIONS = ["fp32", "bf16"]
-# fp32: its rounding; bf16: two bf16 steps (2**-7 relative each) of the encoder's outputs, which are up to ~3
-# on the tiny models -- measured at most one step (0.0078)
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2**-6, rtol=2**-6)}
+# fp32: its rounding; bf16: 1/16 absolute, a few bf16 steps (2**-7 relative each) of the largest hidden values
+# (~4 on the tiny models), and 2**-6 relative -- measured: 0.055 for a padded row, 0.008 for a cached step
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2**-4, rtol=2**-6)}
 OTHER_SHAPES = "bf16: a reference through other kernel shapes rounds otherwise, tokens may differ (tests/precisions.py)"
 
 
