@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # script -> (the smallest arguments, keys its JSON must have)
 CASES = {
+    "batch_invariance": ("--models preset:tiny --prompts 2 --new-tokens 8 --settings greedy", ["models"]),
     "packed_head": ("--vocab 2000 --hidden 64 --rows 1,16 --repeats 1", ["table"]),
     "decode_step_profile": ("--preset tiny --steps 2", ["speedup_dual"]),
     "fast_decoding": (
@@ -37,6 +38,10 @@ CASES = {
         ["speedup", "identical", "sequential_forward_passes", "concurrent_forward_passes"],
     ),
     "data_pipeline": ("--scales 1 --num-proc 1 --repeats 1", []),
+    "corpus_scale": (
+        "--gb 0.002 --files 2",
+        ["peak_rss_mb", "tokens_per_s", "kept_share", "bytes_per_token", "projected_hours_reference"],
+    ),
     "task_pack_paired": ("--mc-num 1", []),
     "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
     "cpu_precision": (

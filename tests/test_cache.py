@@ -1,6 +1,8 @@
 """The cached encoder forward (sampling/cache.py) against the model's own layers, and cached decoding in the
 sampler against a reference sampler on those layers (tests/reference_cache.py): exact where it must be, the
-keys/values of the last full forward elsewhere, the refresh schedule it promises, rows joining and leaving."""
+keys/values of the last full forward elsewhere, the refresh schedule it promises, rows joining and leaving.
+Tokens are compared exactly where the reference found no decision near a tie: there the arithmetic's
+rounding (another order of sums than the reference's, or than alone) cannot change them."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import json
 from collections import Counter
 
@@ -133,6 +134,98 @@ def test_exact_and_near_duplicates():
     assert dedup.is_duplicate(long_text + " Ek.", stats)  # nearly the same
     assert not dedup.is_duplicate("Bambaşka bir metin: " + TR2 + " Kars, Erzurum ve Van doğudadır.", stats)
     assert stats.rejected == {"duplicate_exact": 1, "duplicate_near": 1}
+
+
+def _with_planted_duplicates(texts, seed=0):
+    """`texts`, with every 3rd of more than 20 words again with one word changed (a near duplicate or
+    not: one word is 5 shingles of a short text) and every 13th again as it is, later."""
+    import random
+
+    rng, out = random.Random(seed), list(texts)
+    for i, text in enumerate(texts):
+        words = text.split()
+        if i % 3 == 0 and len(words) > 20:
+            words[rng.randrange(len(words))] = "değişti"
+            out.insert(rng.randrange(i + 1, len(out) + 1), " ".join(words))
+        if i % 13 == 0:
+            out.insert(rng.randrange(i + 1, len(out) + 1), text)
+    return out
+
+
+def test_key_set_answers_as_a_python_set():
+    from diffutron.data.clean import KeySet
+
+    rng, keys, reference = np.random.default_rng(0), KeySet(), set()
+    for size in [1, 0, 3, 7, 2, 50, 1, 1, 300, 5, 1000, 2, 64]:
+        new = rng.integers(0, 2**64, size=size, dtype=np.uint64, endpoint=False)
+        new = np.concatenate([new, new[:2], np.array([0, 2**64 - 1][: size % 3], dtype=np.uint64)])
+        new = np.array([k for k in dict.fromkeys(new.tolist()) if k not in reference], dtype=np.uint64)
+        asked = np.concatenate([new, np.array(sorted(reference)[:20], dtype=np.uint64), new + np.uint64(1)])
+        assert keys.contains(asked).tolist() == [k in reference for k in asked.tolist()]
+        keys.add(np.concatenate([new, new[:2]]))  # repeated within one call: kept once
+        reference.update(new.tolist())
+        assert keys.contains(asked).tolist() == [k in reference for k in asked.tolist()]
+        assert keys.nbytes == 8 * len(reference)
+        assert all((np.diff(level.astype(object)) > 0).all() for level in keys.levels)  # sorted, no repeats
+
+
+def test_compact_band_keys_drop_the_documents_datasketch_lsh_drops():
+    """The reference: datasketch's MinHashLSH holding every band's values, on the bundled corpus with
+    planted duplicates; the Deduplicator drops the same documents, one at a time or chunk by chunk."""
+    from datasketch import MinHashLSH
+
+    from diffutron.data import bundled_documents
+    from diffutron.data.clean import dedup_keys, minhash, normalized_for_dedup
+
+    config = CleanConfig()
+    texts = _with_planted_duplicates([d.text for d in bundled_documents("train")])
+    seen, lsh, expected = set(), MinHashLSH(threshold=config.near_threshold, num_perm=config.num_perm), []
+    for number, text in enumerate(texts):
+        normal = normalized_for_dedup(text)
+        digest, signature = hashlib.blake2b(normal.encode(), digest_size=8).digest(), minhash(normal, config.num_perm)
+        if digest in seen:
+            expected.append("duplicate_exact")
+            continue
+        seen.add(digest)
+        if signature is not None and lsh.query(signature):
+            expected.append("duplicate_near")
+            continue
+        if signature is not None:
+            lsh.insert(number, signature)
+        expected.append(None)
+    counts = Counter(expected)
+    assert counts["duplicate_near"] > 150 and counts["duplicate_exact"] > 150  # the test has something to find
+    keys = [dedup_keys(text, config) for text in texts]
+    assert keys[:300] == [dedup_keys(text, config, piece=50) for text in texts[:300]]  # long texts in pieces
+    one_by_one = Deduplicator(config)
+    assert [one_by_one.check(*k) for k in keys] == expected
+    chunked = Deduplicator(config)
+    assert [r for start in range(0, len(keys), 100) for r in chunked.check_many(keys[start : start + 100])] == expected
+    kept_with_bands = sum(1 for k, r in zip(keys, expected, strict=True) if r is None and k[1] is not None)
+    # 8 bytes a key: the digest of each document not an exact duplicate, 5 band keys of each one kept
+    assert chunked.nbytes == one_by_one.nbytes == 8 * (len(texts) - counts["duplicate_exact"]) + 40 * kept_with_bands
+
+
+def test_the_near_duplicate_index_takes_few_bytes_a_document():
+    """20k distinct documents: the index holds 6 keys of 8 bytes each, 48 bytes a document (datasketch's
+    MinHashLSH before: ~1.9 KB)."""
+    import random
+    import tracemalloc
+
+    from diffutron.data.clean import dedup_keys
+
+    config, rng = CleanConfig(), random.Random(0)
+    words = sorted({w for t in (TR, TR2) for w in t.split()} | {f"kelime{i}" for i in range(5000)})
+    keys = [dedup_keys(" ".join(rng.choices(words, k=30)), config) for _ in range(20_000)]
+    dedup = Deduplicator(config)
+    tracemalloc.start()
+    try:
+        for start in range(0, len(keys), 256):  # as data prepare checks a chunk
+            assert dedup.check_many(keys[start : start + 256]) == [None] * len(keys[start : start + 256])
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / len(keys) < 64 and peak / len(keys) < 100  # while arrays merge: at most twice the keys
 
 
 # -- packing --------------------------------------------------------------------------------------
@@ -371,6 +464,27 @@ def test_prepare_is_the_same_with_worker_processes_and_token_budgets(tmp_path, m
     assert _rows(tmp_path / "one") == _rows(tmp_path / "two")
     for name in ("data-00000.arrow", "data-00001.arrow"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_near_duplicates_are_dropped_the_same_with_worker_processes(tmp_path, monkeypatch):
+    """Duplicates within a chunk and across chunks, found by the main process from the workers' keys."""
+    import diffutron.data.prepare as prepare_module
+    from diffutron.data import bundled_documents
+
+    monkeypatch.setattr(prepare_module, "CHUNK", 16)
+    texts = _with_planted_duplicates([d.text for d in bundled_documents("train")][:500])
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    def run(num_proc):
+        recipe = DataRecipe(sources=[SourceSpec(str(path))], pack=PackConfig(max_length=128), num_proc=num_proc)
+        return prepare(recipe, tmp_path / str(num_proc))
+
+    one, two = run(1), run(2)
+    assert one["rejected_by_reason"]["duplicate_near"] > 10 and one["rejected_by_reason"]["duplicate_exact"] > 10
+    drop = ("seconds", "recipe")
+    assert {k: v for k, v in one.items() if k not in drop} == {k: v for k, v in two.items() if k not in drop}
+    assert (tmp_path / "1" / "data-00000.arrow").read_bytes() == (tmp_path / "2" / "data-00000.arrow").read_bytes()
 
 
 def test_a_source_without_documents_is_an_error(tmp_path):

@@ -4,11 +4,13 @@ import pytest
 import torch
 from precisions import PRECISIONS, reference_batches
 from reference_sampler import llada_generate, nucleus_filter
+from rows_alone import compute_rows_alone
 
 from diffutron.errors import UsageError
 from diffutron.model import DiffusionLM
 from diffutron.precision import DTYPES
 from diffutron.sampling import Denoiser, SamplingConfig, generate, generation_canvas, infill, user_config
+from diffutron.sampling.cache import EncoderCache, spans
 from diffutron.sampling.policies import POLICIES, reveal_count, select_threshold, select_top
 from diffutron.sampling.rng import TOKEN_DRAW, uniforms
 from diffutron.sampling.sampler import draw, sample_tokens, top_p_filter
@@ -149,13 +151,41 @@ def test_ancestral_implies_mdlms_settings():
 
 
 # -- randomness --------------------------------------------------------------------------------
-def test_seeded_sampling_is_deterministic_and_independent_of_the_batch(lm):
+def test_seeded_sampling_is_deterministic(lm):
     options = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, stop_at_eos=False)
     together = generate(lm, PROMPTS, seed=1, **options).token_ids
     assert together == generate(lm, PROMPTS, seed=1, **options).token_ids
     assert together != generate(lm, PROMPTS, seed=2, **options).token_ids
+
+
+def test_a_row_draws_with_its_own_seed_whatever_its_company(lm, monkeypatch):
+    """Row i draws with seed + i, whatever else is in the batch: with the encoder computing each row alone
+    (tests/rows_alone.py: the encoder's rounding taken out), a row's tokens in company are its tokens alone."""
+    compute_rows_alone(monkeypatch)
+    options = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, stop_at_eos=False)
+    together = generate(lm, PROMPTS, seed=1, **options).token_ids
     alone = [generate(lm, [p], seed=1 + i, **options).token_ids[0] for i, p in enumerate(PROMPTS)]
-    assert together == alone  # row i draws with seed + i, whatever else is in the batch
+    assert together == alone
+
+
+@torch.no_grad()
+def test_a_row_in_company_moves_only_by_rounding(lm):
+    """What a row's company does change: padded beside longer rows, the encoder sums in another order (and
+    so does the cached forward), so a row's logits in company are its logits alone up to rounding only."""
+    together = generation_canvas(lm, PROMPTS, 8)
+    alone = [generation_canvas(lm, [p], 8) for p in PROMPTS]
+
+    def logits(c):
+        return lm(c.ids, c.attention_mask, positions=c.fillable, packed_decoder=True)
+
+    def cached(c):  # a refresh, then the masks recomputed against it
+        cache = EncoderCache(lm)
+        cache.refresh(c.ids, c.attention_mask)
+        positions, valid = spans(c.gen_start, c.gen_start + 8)
+        return cache.forward(c.ids, c.attention_mask, positions)[valid]
+
+    for way in (logits, cached):
+        torch.testing.assert_close(way(together), torch.cat([way(c) for c in alone]), atol=1e-4, rtol=1e-5)
 
 
 def test_uniforms_are_uniform_and_independent():
@@ -209,7 +239,8 @@ def test_a_tiny_temperature_is_greedy(lm):
 
 # -- rows joining and leaving ------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_row_joining_between_steps_gets_what_it_gets_alone(lm, temperature):
+def test_a_row_joining_between_steps_gets_what_it_gets_alone(lm, monkeypatch, temperature):
+    compute_rows_alone(monkeypatch)  # the encoder's rounding taken out: what the sampler guarantees
     config = SamplingConfig(temperature=temperature, block_length=4, stop_at_eos=False, seed=5)
     alone = generate(lm, [PROMPTS[2]], max_new_tokens=8, config=config).token_ids[0]
     denoiser = Denoiser(lm, config)

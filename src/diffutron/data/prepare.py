@@ -2,11 +2,13 @@
 
 Streaming end to end: documents flow through in chunks (of `CHUNK` documents or `CHUNK_CHARS`
 characters), so memory holds a few chunks, the packer's buffer, one shard being filled and the
-deduplication index (a few bytes per distinct document), never the corpus; a single document of
-any length is cleaned, hashed and tokenized piece by piece (see `clean` and `encode`). With
-`num_proc > 1`, cleaning, hashing and tokenization run in worker processes (results consumed in
-order, so the output is the same for any num_proc); deduplication and packing stay in the main
-process, which sees every document.
+deduplication index (48 bytes per distinct document at the default settings: 64-bit keys, one for
+the exact hash and one per MinHash band, see `clean.Deduplicator`), never the corpus; a single
+document of any length is cleaned, hashed and tokenized piece by piece (see `clean` and `encode`).
+With `num_proc > 1`, cleaning, hashing (down to the band keys) and tokenization run in worker
+processes (results consumed in order, so the output is the same for any num_proc); deduplication and
+packing stay in the main process, which sees every document (a small share of the CPU: see
+`benchmarks/corpus_scale.py` in docs/benchmarks.md).
 
 The output folder and its rerun rules are `diffutron.data.folder`'s: the fingerprint of the recipe
 and of its input files is written first; a rerun with the same fingerprint reuses a finished folder
@@ -216,8 +218,9 @@ def _init_worker(tokenizer_name: str, portable, clean: CleanConfig) -> None:
 
 
 def _process_chunk(texts: list[str]) -> tuple[list, Counter]:
-    """Per document: its rejection reason, or (dedup digest or None, MinHash or None, token ids); and
-    the counts of the cleaning rules that modified documents."""
+    """Per document: its rejection reason, or (dedup digest or None, band keys or None, token ids);
+    and the counts of the cleaning rules that modified documents. Small to send back: bytes and
+    int32 arrays."""
     clean, modified = _worker["clean"], Counter()
     cleaned, results = [], []
     for text in texts:
@@ -230,12 +233,8 @@ def _process_chunk(texts: list[str]) -> tuple[list, Counter]:
     dedup = clean.enabled and (clean.dedup_exact or clean.dedup_near)
     for i, text in enumerate(cleaned):
         if text is not None:
-            digest, signature = dedup_keys(text, clean) if dedup else (None, None)
-            if signature is not None:
-                from datasketch import LeanMinHash
-
-                signature = LeanMinHash(signature)  # pickles small
-            results[i] = (digest, signature, next(encoded))
+            digest, bands = dedup_keys(text, clean) if dedup else (None, None)
+            results[i] = (digest, bands, next(encoded))
     return results, modified
 
 
@@ -323,13 +322,15 @@ def prepare(
     def consume(chunk: list[tuple[str, str]], results: list, chunk_modified: Counter) -> None:
         nonlocal consumed
         modified.update(chunk_modified)
+        cleaned = [result for result in results if not isinstance(result, str)]
+        duplicates = iter(dedup.check_many([keys[:2] for keys in cleaned]) if dedup else [None] * len(cleaned))
         for (name, _), result in zip(chunk, results, strict=True):
             drawn[name] += 1
             if isinstance(result, str):  # rejected while cleaning
                 rejects[name][result] += 1
                 continue
-            digest, signature, ids = result
-            reason = dedup.check(digest, signature) if dedup else None
+            ids = result[2]
+            reason = next(duplicates)
             if reason is None and len(ids) < recipe.clean.min_tokens:
                 reason = "too_few_tokens"
             if reason is None and recipe.clean.max_tokens and len(ids) > recipe.clean.max_tokens:
@@ -391,6 +392,7 @@ def prepare(
         },
         "rejected_by_reason": dict(all_rejects),
         "duplicates": all_rejects["duplicate_exact"] + all_rejects["duplicate_near"],
+        "dedup_index_bytes": dedup.nbytes if dedup else 0,
         "modified_by_rule": dict(modified),
         "tokens": total_tokens,
         "sequences": totals["sequences"],

@@ -1,9 +1,10 @@
 """Counter-based uniforms: u = hash(seed, counter, stream), one independent number per (row, step, position).
 
 A row's random numbers depend only on its own seed, its own step count and the position, never on
-which other rows share the batch or on the device, so a seeded request gives the same text alone or
-beside others (what a server batching requests step by step needs), and `n` samples of one prompt
-are just n seeds. torch.Generator cannot do this without a Python loop over rows.
+which other rows share the batch or on the device, so a seeded request draws the same numbers alone
+or beside others (what a server batching requests step by step needs; its text can still differ by
+the encoder's rounding, sampler.py), and `n` samples of one prompt are just n seeds. torch.Generator
+cannot do this without a Python loop over rows.
 
 The hash is a 32-bit integer mixer (xor-shift / multiply rounds, multipliers below 2**31 so that every
 product fits an int64 without overflow), applied to the 32-bit halves of the inputs in turn; two

@@ -13,15 +13,19 @@ LLaDA's generate (Nie et al. 2025, Alg. 4/5), vectorised over the batch, each ro
         canvas[reveal] = x0[reveal]
         rows whose text is settled up to EOS or a stop string, or that are full, leave the batch
 
-Rows keep their own block and step and draw their own random numbers (rng.py), so a row's tokens do
-not depend on the rows beside it: a `Denoiser` can take new rows between steps (a server batching
-requests step by step) and a request gives the same text alone or in company.
+Rows keep their own block and step and draw their own random numbers (rng.py), so no decision of a
+row reads the rows beside it, and a `Denoiser` can take new rows between steps (a server batching
+requests step by step). The arithmetic is shared: padded beside longer rows (and, cached, in a span as
+wide as the widest row's) the encoder sums in another order, so a row's logits in company are its
+logits alone only up to rounding (~3e-5 on the tiny models, fp32), and its text the same unless a
+decision is a near tie at that rounding (docs/benchmarks.md, batch invariance, counts how often;
+tests/rows_alone.py takes the rounding out to test the rest bit for bit).
 
 With `cache` "prefix" or "dual" (cache.py, Fast-dLLM's approximate KV cache) a step recomputes only
 each row's block (dual) or its block and everything after it (prefix) against the keys/values of its
 last full forward. Each row is refreshed by a full forward of its own when it enters a block (a row
-that joins starts its first) and every `refresh_every` of its steps, so cached rows, too, get the
-same tokens alone or in company. Rows leaving take their cache rows with them.
+that joins starts its first) and every `refresh_every` of its steps, so cached rows, too, decide in
+company what they decide alone, up to the same rounding. Rows leaving take their cache rows with them.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ One thread owns the model. Between two steps it prepares the new requests (token
 sampler's own checks), drops the rows of clients that went away, runs one slice of at most one other
 model call (fill-mask in one slice; scoring a forward pass at a time, so streams keep moving), admits
 waiting requests while the batch has room, and runs one step. Rows whose `(mode, config.batch_key())`
-are equal share a `Denoiser`; groups with different keys take
-turns step by step, so no group waits for another to finish. A row's tokens do not depend on its
-neighbours (the sampler's counter-based random numbers), so a request gets the same text alone or
-in company. Each request hears about its rows through an asyncio queue on its own event loop: the
-event loop never waits on torch.
+are equal share a `Denoiser`; groups with different keys take turns step by step, so no group waits for
+another to finish. A row's random numbers, blocks and cache refreshes are its own, so its neighbours
+change only the encoder's rounding (the padded width sets the order of its sums): a request gets the
+same text alone or in company unless one of its decisions is a near tie at that rounding (docs/serve.md,
+Batching). Each request hears about its rows through an asyncio queue on its own event loop: the event
+loop never waits on torch.
 
 When the thread stops, every request it holds or has not yet taken gets an error: a stop asked for
 (`stop`: "the server is shutting down", 503) or a bug in the loop itself (500 for the requests in

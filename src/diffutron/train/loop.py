@@ -161,15 +161,15 @@ def _summary(recipe: TrainRecipe, lm, accelerator, precision: str) -> dict:
     }
 
 
-def _finished_summary(resumed: dict, out: Path, processes: int) -> dict:
+def _finished_summary(finished: dict, out: Path, processes: int) -> dict:
     return {
         "already_complete": True,
-        "step": resumed["step"],
-        "seconds": resumed.get("seconds"),
-        "train_seconds": resumed.get("seconds"),
+        "step": finished["step"],
+        "seconds": finished.get("seconds"),
+        "train_seconds": finished.get("seconds"),
         "final": str(out / "final"),
         "final_loss": _last_loss(out / "metrics.jsonl"),
-        "bad_steps": resumed.get("bad_steps", 0),
+        "bad_steps": finished.get("bad_steps", 0),
         "out": str(out),
         "processes": processes,
     }
@@ -213,8 +213,8 @@ def _run(recipe: TrainRecipe, accelerator, precision: str, progress) -> dict:
     metrics_path = out / "metrics.jsonl"
     if resumed and resumed["step"] >= recipe.train.max_steps:
         final_state = read_state(out / "final")
-        if final_state and final_state["step"] == resumed["step"]:
-            return _finished_summary(resumed, out, accelerator.num_processes)
+        if final_state and final_state["step"] == resumed["step"]:  # final/'s state: the run's whole time
+            return _finished_summary(final_state, out, accelerator.num_processes)
     if resumed is None and (out / "base").exists() and not (out / RECIPE_FILE).is_file():
         raise DiffutronError(f"{out} holds a base/ folder that no diffutron run wrote: train into another --out")
     if accelerator.is_main_process:
