@@ -324,7 +324,7 @@ def train_worker(folder: str, batch_size: int) -> dict:
     import datasets  # noqa: F401  (imported before the clock starts: a training process has it already)
 
     from diffutron.config import TrainRecipe
-    from diffutron.train import _epoch_loader, load_training_data
+    from diffutron.train.build import epoch_loader, load_training_data
 
     recipe = TrainRecipe()
     recipe.data.dataset, recipe.train.batch_size = folder, batch_size
@@ -332,7 +332,7 @@ def train_worker(folder: str, batch_size: int) -> dict:
     before = _rss()
     started = time.perf_counter()
     dataset = load_training_data(recipe, model, Path(folder))
-    batches = iter(_epoch_loader(dataset, 0, recipe))
+    batches = iter(epoch_loader(dataset, 0, recipe))
     first = next(batches)
     first_s = time.perf_counter() - started
     opened = _rss()

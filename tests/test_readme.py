@@ -39,6 +39,8 @@ SKIP = {  # a piece of the line -> why it does not run here
     "python -m diffutron.harness": "lm-eval's own CLI with placeholders; tests/test_harness.py runs it",
     "diffutron serve": "it blocks: tests/test_serve.py starts and stops it (the client examples get a server here)",
     "MODEL ": "a placeholder for the reader's model",
+    "--measure-steps 3": "the 0.3B model from the Hub (network), timed on a GPU",
+    "sbatch ": "a SLURM cluster: tests/test_distributed.py checks the script with bash -n",
 }
 README_SERVER = "http://127.0.0.1:8000"
 SHORTER = {"train": ["--max-steps", "3"], "lm-eval": ["--limit", "20"]}  # command -> what is appended
