@@ -194,6 +194,15 @@ def test_the_harness_model_takes_a_dtype():
         HarnessModel(pretrained="tiny-diffutron", dtype="int8")
 
 
+def test_lm_evals_model_args_cannot_override_its_dtype(capsys):
+    """`diffutron lm-eval` loads the model from MODEL, --device and --dtype: the same in --model-args would be
+    ignored (the model is loaded already), so they are refused, not silently dropped."""
+    pytest.importorskip("lm_eval")
+    code, out, err = run(capsys, "lm-eval", "--tasks", "tr_cloze", "--limit", "1", "--model-args", "dtype=bf16")
+    assert code == 2 and out == ""
+    assert err.strip() == "error: --model-args dtype: set it with the command's own MODEL, --device, --dtype"
+
+
 def test_health_names_the_dtype_and_the_server_batches_in_bf16(bf16_lm):
     """Requests of one width (no padding) stepped together in bf16 get what each gets alone, in fewer passes."""
     from diffutron.serve import create_app, serving

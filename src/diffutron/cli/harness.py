@@ -72,9 +72,12 @@ def lm_eval_(
     from lm_eval import simple_evaluate
     from lm_eval.utils import simple_parse_args_string
 
+    extra = simple_parse_args_string(model_args)
+    for key in ("pretrained", "device", "dtype"):  # the model is loaded here: in extra they would be ignored
+        if key in extra:
+            raise UsageError(f"--model-args {key}: set it with the command's own MODEL, --device, --dtype")
     manager = _task_manager(folders, names)
     lm = load_model(model, device, dtype)
-    extra = simple_parse_args_string(model_args)
     harness_model = HarnessModel(lm=lm, batch_size=batch_size, mc_num=mc_num, seed=seed, **extra)
     started = time.perf_counter()
     results = simple_evaluate(
