@@ -1,7 +1,8 @@
 """CPU inference in fp32 vs bf16 (and int8 weights, tried): decoding speed against the bandwidth floor, and quality.
 
     python benchmarks/cpu_precision.py [--json] [--models tiny-diffutron,preset:mmbert-base] [--batches 1,8]
-        [--prompt-tokens 60] [--new-tokens 32] [--block-length 32] [--rounds 2] [--int8] [--threads N] [--skip-quality]
+        [--prompt-tokens 60] [--new-tokens 32] [--block-length 32] [--rounds 2] [--int8 dynamic,torchao,torchao-dynamic]
+        [--threads N] [--skip-quality]
 
 Speed, per model and batch size: the exact sampler (`cache none`) and the dual cache in each precision, a
 60-token held-out prompt per row, 32 new tokens in blocks of 32, one token per step, greedy `confidence`, no
@@ -20,10 +21,14 @@ the share of tokens equal (same position) over `--agreement-prompts` held-out pr
 no padding), 32 new tokens, exact decoding. Random weights (`preset:`) make quality figures of the shape, not of
 a language model: their documents and prompts are capped by `--preset-quality-docs`.
 
-`--int8`: int8 weights in the same runs, through a library, on every nn.Linear (encoder, head, decoder):
-torchao's weight-only int8 (`Int8WeightOnlyConfig`) and its int8 weights with activations quantized per call
-(`Int8DynamicActivationInt8WeightConfig`), when torchao is importable (it is not a dependency), and torch's own
-dynamic quantization (`torch.ao.quantization.quantize_dynamic`, qint8: activations quantized per call too).
+`--int8 VARIANTS`: int8 weights in the same runs, through a library, on every nn.Linear (encoder, head, decoder):
+`dynamic`, torch's own dynamic quantization (`torch.ao.quantization.quantize_dynamic`, qint8: activations
+quantized per call too); `torchao`, torchao's weight-only int8 (`Int8WeightOnlyConfig`); `torchao-dynamic`, its
+int8 weights with activations quantized per call (`Int8DynamicActivationInt8WeightConfig`). torchao is not a
+dependency: its variants need it importable. Each int8 variant is judged by issue 23's rule for adopting it as
+`--dtype int8`: at least `INT8_MIN_SPEEDUP` faster than bf16 (the smaller speed-up over modes and batch sizes)
+with PPL@15% within `INT8_MAX_PPL_DIFF` of fp32; its speed-up over fp32 is reported too (on a CPU where bf16 is
+slower than fp32, beating bf16 says little: `auto` runs fp32 there).
 
 With --json, stdout is one JSON object: speedup_bf16_exact, speedup_bf16_dual, ppl_rel_diff, agreement
 (per model), floor_ms and step_ms ({model: {precision: {mode: {batch: ms}}}}, floor_ms: {model: {precision:
@@ -44,6 +49,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODES = {"exact": "none", "dual": "dual"}
+INT8_VARIANTS = ("dynamic", "torchao", "torchao-dynamic")
+INT8_MIN_SPEEDUP = 1.3
+INT8_MAX_PPL_DIFF = 0.01
 
 
 def say(args, *parts) -> None:
@@ -89,28 +97,40 @@ def weight_bytes(lm, linear_bytes: int | None = None) -> int:
 
 
 def variants(args, lm) -> dict:
-    """{precision: (model, bytes of weights a step reads)}: fp32, bf16 and, with --int8, the int8 weights tried."""
+    """{precision: (model, bytes of weights a step reads)}: fp32, bf16 and the int8 variants asked for."""
     import torch
     from torch import nn
 
     found = {"fp32": (lm, weight_bytes(lm)), "bf16": (copy.deepcopy(lm).to(torch.bfloat16), weight_bytes(lm) // 2)}
-    if not args.int8:
-        return found
     int8_bytes = weight_bytes(lm, linear_bytes=1)
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-
-        for label, config in (("int8-torchao", Int8WeightOnlyConfig()), ("int8-torchao-dynamic", None)):
-            quantized = copy.deepcopy(lm)
-            quantize_(quantized.hf_model, config or Int8DynamicActivationInt8WeightConfig())
-            found[label] = (quantized, int8_bytes)
-    except ImportError:
-        say(args, "torchao is not importable: its int8 weights are skipped")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its deprecation: the docs record it
-        dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(lm), {nn.Linear}, dtype=torch.qint8)
-    found["int8-dynamic"] = (dynamic, int8_bytes)
+    for variant in args.int8:
+        quantized = copy.deepcopy(lm)
+        if variant == "dynamic":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation: docs/benchmarks.md records it
+                quantized = torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear}, dtype=torch.qint8)
+        else:
+            try:
+                from torchao.quantization import (
+                    Int8DynamicActivationInt8WeightConfig,
+                    Int8WeightOnlyConfig,
+                    quantize_,
+                )
+            except ImportError:
+                say(args, f"torchao is not importable: int8-{variant} skipped")
+                continue
+            config = Int8WeightOnlyConfig() if variant == "torchao" else Int8DynamicActivationInt8WeightConfig()
+            quantize_(quantized.hf_model, config)
+        found[f"int8-{variant}"] = (quantized, int8_bytes)
     return found
+
+
+def int8_variants(text: str) -> list[str]:
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in INT8_VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown int8 variant(s) {unknown}: choose from {', '.join(INT8_VARIANTS)}")
+    return chosen
 
 
 def speed(args, models: dict, prompts: list[str]) -> dict:
@@ -209,7 +229,7 @@ def main() -> None:
     parser.add_argument("--ppl-docs", type=int, default=0, help="held-out documents for PPL (0: all)")
     parser.add_argument("--agreement-prompts", type=int, default=32)
     parser.add_argument("--preset-quality-docs", type=int, default=8, help="documents and prompts for a preset")
-    parser.add_argument("--int8", action="store_true", help="also int8 weights through torchao and torch")
+    parser.add_argument("--int8", type=int8_variants, default=[], help=f"int8 variants too: {','.join(INT8_VARIANTS)}")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--threads", type=int, help="torch's threads [default: as the CLI, the CPUs idle at start]")
@@ -289,6 +309,32 @@ def summarise(args, report: dict) -> None:
     for key in ("speedup_bf16_exact", "speedup_bf16_dual", "ppl_rel_diff", "agreement"):
         if key in report:
             say(args, key, {name: round(value, 4) for name, value in report[key].items()})
+    if args.int8 and not args.skip_speed:
+        report["int8"] = int8_verdicts(args, report)
+
+
+def int8_verdicts(args, report: dict) -> dict:
+    """Per int8 variant and model: its speed-ups over bf16 and fp32 (the smaller over modes and batch sizes),
+    its PPL difference from fp32 and greedy agreement, and whether it meets the rule for `--dtype int8`."""
+    verdicts = {}
+    for name, ms in report["step_ms"].items():
+        quality = report["models"][name].get("quality", {})
+        for variant in (p for p in ms if p.startswith("int8-")):
+
+            def speedup(over, variant=variant, ms=ms):
+                return min(ms[over][m][b] / ms[variant][m][b] for m in MODES for b in ms[variant][m])
+
+            entry = {"speedup_over_bf16": speedup("bf16"), "speedup_over_fp32": speedup("fp32")}
+            if variant in quality:
+                entry["ppl_rel_diff"] = quality[variant]["ppl_rel_diff"]
+                entry["agreement"] = quality[variant]["agreement"]
+                entry["meets_rule"] = (
+                    entry["speedup_over_bf16"] >= INT8_MIN_SPEEDUP and abs(entry["ppl_rel_diff"]) <= INT8_MAX_PPL_DIFF
+                )
+            verdicts.setdefault(variant, {})[name] = entry
+            shown = (f"{k} {v}" if isinstance(v, bool) else f"{k} {v:.4g}" for k, v in entry.items())
+            say(args, f"{name} {variant}: " + ", ".join(shown))
+    return verdicts
 
 
 if __name__ == "__main__":
