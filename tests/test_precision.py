@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import platform
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -133,10 +132,10 @@ def test_the_check_is_kept_per_process_and_bounded(monkeypatch):
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
     precision._bf16_speedup.cache_clear()
-    started = time.perf_counter()
+    # every round within the budget: a busy machine can pass the default 0.5 s and stop early (tested below)
+    monkeypatch.setattr(precision, "PROBE_BUDGET_S", 60.0)
     first = precision.bf16_speedup(256, 768)  # tiny-diffutron's MLP
-    seconds = time.perf_counter() - started
-    assert first > 0 and seconds < 1.0  # well under a second, even on a busy machine
+    assert first > 0
     assert len(calls) == 2 + 2 * precision.PROBE_ROUNDS * precision.PROBE_CALLS  # a warm-up each, then the rounds
     timed = len(calls)
     assert precision.bf16_speedup(256, 768) == first and len(calls) == timed  # kept: nothing timed again
