@@ -18,8 +18,11 @@ weights fit in the caches, so its floor is not a limit.
 Quality, per model: PPL@15% on the held-out split (the same masks in both precisions; `--ppl-docs N`: the
 first N documents, 0 all), its relative difference bf16 / fp32 - 1; greedy token agreement, bf16 vs fp32:
 the share of tokens equal (same position) over `--agreement-prompts` held-out prompts of 16 tokens (one width:
-no padding), 32 new tokens, exact decoding. Random weights (`preset:`) make quality figures of the shape, not of
-a language model: their documents and prompts are capped by `--preset-quality-docs`.
+no padding), 32 new tokens, exact decoding; rows in company: the logits of those prompts' masks computed in
+one batch vs each prompt alone (one width: only the arithmetic can differ), the largest difference and the
+share of positions whose top token differs (`company_max_logit_diff`, `company_top1_flips`). Random weights
+(`preset:`) make quality figures of the shape, not of a language model: their documents and prompts are capped
+by `--preset-quality-docs`.
 
 `--int8 VARIANTS`: int8 weights in the same runs, through a library, on every nn.Linear (encoder, head, decoder):
 `dynamic`, torch's own dynamic quantization (`torch.ao.quantization.quantize_dynamic`, qint8: activations
@@ -183,6 +186,22 @@ def speed(args, models: dict, prompts: list[str]) -> dict:
     return table
 
 
+def company(lm, prompts: list[str], new_tokens: int = 32) -> dict:
+    """A row's logits in company vs alone: prompts of one width, the masks of their generation canvas."""
+    import torch
+
+    from diffutron.sampling import generation_canvas
+
+    def logits(canvas):
+        return lm(canvas.ids, canvas.attention_mask, positions=canvas.fillable, packed_decoder=True).float()
+
+    with torch.no_grad():
+        together = logits(generation_canvas(lm, prompts, new_tokens))
+        alone = torch.cat([logits(generation_canvas(lm, [p], new_tokens)) for p in prompts])
+    flips = (together.argmax(-1) != alone.argmax(-1)).float().mean().item()
+    return {"company_max_logit_diff": (together - alone).abs().max().item(), "company_top1_flips": flips}
+
+
 def quality(args, models: dict, name: str) -> dict:
     """PPL@15% on the held-out split and greedy agreement with fp32, per precision."""
     from generate import prompts_of_length
@@ -207,12 +226,15 @@ def quality(args, models: dict, name: str) -> dict:
             "ppl": result.ppl,
             "masked_tokens": result.masked_tokens,
             "agreement": same / sum(len(r) for r in reference),
+            **company(lm, prompts),
         }
         out[precision]["ppl_rel_diff"] = result.ppl / out["fp32"]["ppl"] - 1
         say(
             args,
             f"  {precision}: PPL@15% {result.ppl:.4f} ({out[precision]['ppl_rel_diff']:+.4%} vs fp32, "
-            f"{result.masked_tokens} masked tokens), greedy agreement with fp32 {out[precision]['agreement']:.4f}",
+            f"{result.masked_tokens} masked tokens), greedy agreement with fp32 {out[precision]['agreement']:.4f}, "
+            f"in company vs alone: logits within {out[precision]['company_max_logit_diff']:.2g}, "
+            f"top-1 flips {out[precision]['company_top1_flips']:.3f}",
         )
     return out
 
