@@ -7,12 +7,12 @@ sharing the server's steps as they would alone."""
 from __future__ import annotations
 
 import platform
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from at_once import at_once
 from cli_run import last_json, run
 from precisions import TOLERANCE
 
@@ -211,19 +211,7 @@ def test_health_names_the_dtype_and_the_server_batches_in_bf16(bf16_lm):
         assert client.get("/health").json()["dtype"] == "bf16"
         alone = [client.post("/v1/completions", json=body).json() for body in bodies]
         before = client.get("/health").json()
-        together: list = [None] * len(bodies)
-        start = threading.Barrier(len(bodies))
-
-        def one(i: int) -> None:
-            with httpx.Client(base_url=url, timeout=120) as own:
-                start.wait()
-                together[i] = own.post("/v1/completions", json=bodies[i]).json()
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        together = at_once(url, bodies, lambda own, body: own.post("/v1/completions", json=body).json())
         after = client.get("/health").json()
     assert [r["choices"][0]["text"] for r in together] == [r["choices"][0]["text"] for r in alone]
     assert after["forward_passes"] - before["forward_passes"] < sum(r["usage"]["forward_passes"] for r in alone)
