@@ -44,6 +44,11 @@ CASES = {
     ),
     "task_pack_paired": ("--mc-num 1", []),
     "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
+    "cpu_precision": (
+        "--models tiny-diffutron --batches 1,2 --prompt-tokens 8 --new-tokens 8 --block-length 8 --rounds 1 "
+        "--ppl-docs 2 --agreement-prompts 2",
+        ["speedup_bf16_exact", "speedup_bf16_dual", "ppl_rel_diff", "agreement", "floor_ms", "step_ms"],
+    ),
 }
 
 
