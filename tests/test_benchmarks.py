@@ -42,7 +42,7 @@ CASES = {
         "--gb 0.002 --files 2",
         ["peak_rss_mb", "tokens_per_s", "kept_share", "bytes_per_token", "projected_hours_reference"],
     ),
-    "task_pack_paired": ("--mc-num 1", []),
+    "task_pack_paired": ("--mc-num 1 --limit 8", []),
     "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
     "cpu_precision": (
         "--models tiny-diffutron --batches 1,2 --prompt-tokens 8 --new-tokens 8 --block-length 8 --rounds 1 "
