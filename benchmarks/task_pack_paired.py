@@ -1,6 +1,6 @@
 """The shipped models on the pack's cloze tasks, compared item by item (a paired difference).
 
-    python benchmarks/task_pack_paired.py [--json] [--mc-num 32] [--seed 0]
+    python benchmarks/task_pack_paired.py [--json] [--mc-num 32] [--seed 0] [--limit N]
 
 Each item is scored as `diffutron lm-eval` scores it (the same requests, masks and seed: the
 accuracies equal the harness's), so the difference CPT - base per item gives a standard error far
@@ -38,11 +38,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--mc-num", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="the first N items of each task (a quick check)")
     args = parser.parse_args()
+    if args.limit is not None and args.limit < 2:
+        parser.error("--limit must be at least 2 (a paired standard error needs two items)")
     result = {}
     for task in ("tr_cloze", "tr_suffix"):
         lines = (PACK / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
-        items = [json.loads(line) for line in lines]
+        items = [json.loads(line) for line in lines][: args.limit]
         base, cpt = (correct_answers(name, items, args.mc_num, args.seed) for name in MODELS)
         diff = [int(b) - int(a) for a, b in zip(base, cpt, strict=True)]
         mean = sum(diff) / len(diff)

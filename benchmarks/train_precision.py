@@ -1,10 +1,11 @@
 """Training throughput in fp32 and with bf16 autocast on this machine, through diffutron's own loop.
 
-    python benchmarks/train_precision.py [--json] [--recipe configs/tiny-base-mlm.yaml] [--steps 40] [--rounds 2]
+    python benchmarks/train_precision.py [--json] [--recipe configs/tiny-base-mlm.yaml] [--steps 40] [--warmup 10]
+                                         [--rounds 2] [--batch-size B]
 
 Runs `train()` on the recipe (default: the shipped tiny base's MLM recipe) for a few steps with
 train.precision fp32 and bf16, alternating rounds so that both see the same machine load; reports
-the median tokens/s after the first 10 steps and the loss each ends with (same seed, same data).
+the median tokens/s after the first `--warmup` steps and the loss each ends with (same seed, same data).
 bf16 autocast pays off on CPUs with native bf16 matrix instructions (AVX-512 BF16, AMX); on others
 it can be slower than fp32. The last line of --json is one JSON object.
 """
@@ -22,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_worker  # noqa: E402
 
 
-def one_run(recipe_path: str, precision: str, steps: int, data: Path, out: Path) -> dict:
+def one_run(
+    recipe_path: str, precision: str, steps: int, warmup: int, batch_size: int | None, data: Path, out: Path
+) -> dict:
     from diffutron.config import load_config, override
     from diffutron.train import TrainRecipe, train
 
@@ -38,11 +41,12 @@ def one_run(recipe_path: str, precision: str, steps: int, data: Path, out: Path)
             "train.save_every": 10**9,
             "train.plot": False,
             "train.precision": precision,
-        },
+        }
+        | ({"train.batch_size": batch_size} if batch_size else {}),
     )
     records = []
     summary = train(recipe, progress=records.append)
-    speeds = [r["tokens_per_s"] for r in records if r["step"] > 10]
+    speeds = [r["tokens_per_s"] for r in records if r["step"] > warmup]
     return {"tokens_per_s": statistics.median(speeds), "final_loss": summary["final_loss"]}
 
 
@@ -51,14 +55,24 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--recipe", default="configs/tiny-base-mlm.yaml")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the median")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, help="instead of the recipe's (a quick check)")
     # each run in its own process: accelerate fixes the precision once per process
     parser.add_argument("--worker", choices=["fp32", "bf16"])
     parser.add_argument("--data")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        parser.error("--warmup must be at least 0 and less than --steps")
     if args.worker:
-        print(json.dumps(one_run(args.recipe, args.worker, args.steps, Path(args.data), Path(args.out))))
+        print(
+            json.dumps(
+                one_run(
+                    args.recipe, args.worker, args.steps, args.warmup, args.batch_size, Path(args.data), Path(args.out)
+                )
+            )
+        )
         return
 
     from diffutron.config import load_config
@@ -76,7 +90,8 @@ def main() -> None:
                     run_worker(
                         __file__,
                         precision,
-                        *("--recipe", args.recipe, "--steps", str(args.steps)),
+                        *("--recipe", args.recipe, "--steps", str(args.steps), "--warmup", str(args.warmup)),
+                        *(("--batch-size", str(args.batch_size)) if args.batch_size else ()),
                         *("--data", str(tmp / "data"), "--out", str(tmp / f"{precision}-{round_}")),
                     )
                 )
@@ -85,6 +100,7 @@ def main() -> None:
     result = {
         "recipe": args.recipe,
         "steps": args.steps,
+        "batch_size": args.batch_size or load_config(TrainRecipe, args.recipe).train.batch_size,
         "fp32_tokens_per_s": round(speed["fp32"]),
         "bf16_tokens_per_s": round(speed["bf16"]),
         "bf16_speedup": round(speed["bf16"] / speed["fp32"], 2),

@@ -31,7 +31,7 @@ CASES = {
     "eval_throughput": ("--preset tiny --sequences 1 --length 64 --repeats 1", []),
     "train_step": ("--preset tiny --batch 1 --length 64 --repeats 1", []),
     "harness_throughput": ("--preset tiny --questions 2 --mc-num 2 --repeats 1", []),
-    "train_precision": ("--steps 12 --rounds 1", []),
+    "train_precision": ("--steps 3 --warmup 1 --rounds 1 --batch-size 2", []),
     "threads": ("--repeats 1 --settings diffutron", ["results"]),
     "serve_load": (
         "--clients 2 --max-tokens 8 --rounds 1 --time-limit 120",
@@ -42,12 +42,17 @@ CASES = {
         "--gb 0.002 --files 2",
         ["peak_rss_mb", "tokens_per_s", "kept_share", "bytes_per_token", "projected_hours_reference"],
     ),
-    "task_pack_paired": ("--mc-num 1", []),
+    "task_pack_paired": ("--mc-num 1 --limit 8", []),
     "word_fill": (
         "--words 8 --timed 2",
         ["top1_word", "top5_word", "top5_oracle", "top5_pipeline", "length_accuracy", "time_ratio"],
     ),
     "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
+    "cpu_precision": (
+        "--models tiny-diffutron --batches 1,2 --prompt-tokens 8 --new-tokens 8 --block-length 8 --rounds 1 "
+        "--ppl-docs 2 --agreement-prompts 2",
+        ["speedup_bf16_exact", "speedup_bf16_dual", "ppl_rel_diff", "agreement", "floor_ms", "step_ms"],
+    ),
 }
 
 

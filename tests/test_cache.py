@@ -6,10 +6,12 @@ rounding (another order of sums than the reference's, or than alone) cannot chan
 
 import pytest
 import torch
+from precisions import PRECISIONS, TOLERANCE, fp32_only
 from reference_cache import cached_generate, frozen_forward, layer_inputs
 
 from diffutron.errors import UsageError
 from diffutron.model import DiffusionLM
+from diffutron.precision import DTYPES
 from diffutron.sampling import Denoiser, SamplingConfig, generate, generation_canvas, infill
 from diffutron.sampling.cache import EncoderCache, spans
 from diffutron.sampling.policies import select_factor
@@ -19,16 +21,20 @@ PROMPTS = ["Bugün hava", "Türkiye Büyük Millet Meclisi 1920 yılında", "Ey 
 LONG_PROMPT = ("Türkiye Büyük Millet Meclisi 1920 yılında Ankara'da toplandı. " * 10).strip()
 
 
-@pytest.fixture(scope="module")
-def lm():
-    # A wider init than the preset's: a random model with varied predictions makes a sharper test.
-    return DiffusionLM.from_preset("tiny", seed=0, initializer_range=0.2).eval()
+@pytest.fixture(scope="module", params=PRECISIONS)
+def lm(request):
+    # A wider init than the preset's: a random model with varied predictions makes a sharper test. Every
+    # test runs in both precisions: the sampler's code paths are the same, its logits bf16's.
+    return DiffusionLM.from_preset("tiny", seed=0, initializer_range=0.2).to(DTYPES[request.param]).eval()
 
 
-@pytest.fixture(scope="module", params=["modernbert", "bert", "roberta"])
+@pytest.fixture(
+    scope="module", params=[(arch, dtype) for arch in ("modernbert", "bert", "roberta") for dtype in PRECISIONS]
+)
 def arch_lm(request, model_folders):
-    """Tiny random models of each architecture (ModernBERT's local layers see +-8 tokens)."""
-    return DiffusionLM.from_pretrained(model_folders[request.param], device="cpu", dtype=torch.float32)
+    """Tiny random models of each architecture (ModernBERT's local layers see +-8 tokens), in each precision."""
+    arch, dtype = request.param
+    return DiffusionLM.from_pretrained(model_folders[arch], device="cpu", dtype=dtype)
 
 
 def a_batch(lm, new_tokens=12):
@@ -86,7 +92,7 @@ def test_cached_forward_after_a_change_reads_the_cached_keys_and_values(arch_lm,
         cache.refresh(before, attention)
         hidden = cache.forward(after, attention, positions)
     expected = frozen_forward(lm, layer_inputs(lm, before, attention), after, attention, positions)
-    torch.testing.assert_close(hidden[valid], expected[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden[valid], expected[valid], **TOLERANCE[lm.dtype])
     exact = lm.encode(after, attention).gather(1, positions[..., None].expand_as(hidden))
     assert not torch.allclose(hidden[valid], exact[valid], atol=1e-3)  # approximate: stale keys/values read
 
@@ -100,7 +106,7 @@ def test_recomputing_every_position_is_the_full_forward_of_the_new_canvas(arch_l
         cache.refresh(before, attention)
         hidden = cache.forward(after, attention, everything)
         exact = arch_lm.encode(after, attention)
-    torch.testing.assert_close(hidden[attention.bool()], exact[attention.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden[attention.bool()], exact[attention.bool()], **TOLERANCE[arch_lm.dtype])
 
 
 # -- the sampler with a cache ------------------------------------------------------------------
@@ -176,6 +182,7 @@ def test_cached_steps_equal_the_frozen_reference(lm, options):
     steps, and they give the tokens of the reference whose other positions keep the keys/values of the
     row's last full forward. Rows of 2, 110 and 7 prompt tokens share the batch; the long
     one's canvas (143 tokens) is longer than the local layers' reach, so its late blocks see only part."""
+    fp32_only(lm)
     prompts = [PROMPTS[0], LONG_PROMPT, PROMPTS[2]]
     window = lm.hf_model.config.local_attention // 2
     start_of_last_block = 1 + len(lm.tokenizer(LONG_PROMPT, add_special_tokens=False)["input_ids"]) + 24
@@ -191,6 +198,7 @@ def test_cached_steps_equal_the_frozen_reference(lm, options):
 def test_rows_leave_the_batch_with_their_cache(lm, cfg_scale):
     """A short row with a long prompt (the batch narrows when it leaves) and a long one, blocks of 4: after
     the short row is done, the long one goes on with its own cache rows and gets the reference's tokens."""
+    fp32_only(lm)
     config = SamplingConfig(cache="dual", cfg_scale=cfg_scale, block_length=4, stop_at_eos=False)
     denoiser = Denoiser(lm, config)
     denoiser.add(generation_canvas(lm, [LONG_PROMPT], 4), config, keys=["short"])
@@ -213,6 +221,7 @@ def test_a_row_joining_a_cached_batch_changes_no_row(lm, options):
     """Each row refreshes its cache on its own rhythm (its block starts, its refresh_every), so a row that
     joins mid-block (and widens the batch: its prompt is long) and the rows already there each get the
     reference's tokens."""
+    fp32_only(lm)
     config = SamplingConfig(block_length=4, stop_at_eos=False, **options)
     denoiser = Denoiser(lm, config)
     denoiser.add(generation_canvas(lm, PROMPTS[:2], 12), config, keys=["a", "b"])

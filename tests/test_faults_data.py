@@ -108,9 +108,9 @@ def test_kill_9_at_random_points_then_a_rerun_equals_the_uninterrupted_run(tmp_p
 def test_ctrl_c_with_worker_processes_is_one_line_and_exit_130(tmp_path):
     """Ctrl-C reaches the whole foreground process group: the main process and its workers. Repeated
     (DIFFUTRON_FAULT_ITERATIONS): the exit once hung, about one Ctrl-C in 40 on a loaded machine."""
-    corpus = tmp_path / "c.jsonl"
+    corpus = tmp_path / "c.jsonl"  # long enough that no run ends between its first part and the signal
     with open(corpus, "w") as f:
-        for i in range(8000):
+        for i in range(80_000):
             f.write(json.dumps({"text": f"Belge {i}: Bugün hava çok güzel ve biz de parka gittik, {i * 7}."}) + "\n")
     recipe = tmp_path / "recipe.yaml"  # small shards: a part is on disk once the workers are at work
     recipe.write_text(f"sources:\n  - spec: {corpus}\npack:\n  max_length: 64\n  shard_size: 16\n")

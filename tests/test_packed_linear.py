@@ -148,6 +148,23 @@ def test_the_sampler_runs_the_packed_decoder(tiny_lm):
     assert lm._decoder.packed is not None
 
 
+def test_in_bf16_the_sampler_packs_where_onednn_has_bf16_else_runs_f_linear(tiny_lm):
+    """A bf16 model: the head's logits with and without the packed decoder agree as bf16 products do (see
+    test_equals_f_linear_in_bf16), and the sampler runs it packed where oneDNN has bf16 on this CPU (AVX-512,
+    AMX), else F.linear from the start: no failure recorded, no warning."""
+    lm = DiffusionLM(copy.deepcopy(tiny_lm.model).bfloat16(), tiny_lm.tokenizer)
+    hidden = torch.randn(5, lm.hf_model.config.hidden_size).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            plain = lm.head(hidden)
+            packed = lm.head(hidden, packed_decoder=True)
+        ids = generate(lm, "Bugün hava", max_new_tokens=4).token_ids[0]
+    torch.testing.assert_close(packed, plain, atol=1e-6, rtol=2**-7)
+    assert (lm._decoder.packed is not None) == packed_linear._bf16_supported() and lm._decoder.failure is None
+    assert len(ids) <= 4 and lm.mask_id not in ids
+
+
 def test_a_model_that_packed_can_be_copied_and_pickled(tiny_lm):
     lm = DiffusionLM(tiny_lm.model, tiny_lm.tokenizer)
     first = generate(lm, "Bugün hava", max_new_tokens=4).token_ids

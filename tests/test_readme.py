@@ -43,7 +43,11 @@ SKIP = {  # a piece of the line -> why it does not run here
     "sbatch ": "a SLURM cluster: tests/test_distributed.py checks the script with bash -n",
 }
 README_SERVER = "http://127.0.0.1:8000"
-SHORTER = {"train": ["--max-steps", "3"], "lm-eval": ["--limit", "20"]}  # command -> what is appended
+SHORTER = {  # command -> what is appended (the same code paths, less of the data)
+    "train": ["--max-steps", "3", "--set", "data.eval_documents=4"],
+    "lm-eval": ["--limit", "5"],
+    "eval": ["--elbo-samples", "2"],
+}
 
 
 def blocks(language: str) -> list[str]:

@@ -2,11 +2,13 @@ import math
 
 import pytest
 import torch
+from precisions import LOGITS_TOLERANCE, PRECISIONS, reference_batches
 from reference_sampler import llada_generate, nucleus_filter
 from rows_alone import compute_rows_alone
 
 from diffutron.errors import UsageError
 from diffutron.model import DiffusionLM
+from diffutron.precision import DTYPES
 from diffutron.sampling import Denoiser, SamplingConfig, generate, generation_canvas, infill, user_config
 from diffutron.sampling.cache import EncoderCache, spans
 from diffutron.sampling.policies import POLICIES, reveal_count, select_threshold, select_top
@@ -17,10 +19,11 @@ from diffutron.schedules import get_schedule
 PROMPTS = ["Bugün hava", "Türkiye Büyük Millet Meclisi 1920 yılında", "Ey Türk gençliği! Birinci vazifen"]
 
 
-@pytest.fixture(scope="module")
-def lm():
-    # A wider init than the preset's: a random model with varied predictions makes a sharper test.
-    return DiffusionLM.from_preset("tiny", seed=0, initializer_range=0.2).eval()
+@pytest.fixture(scope="module", params=PRECISIONS)
+def lm(request):
+    # A wider init than the preset's: a random model with varied predictions makes a sharper test. Every
+    # test runs in both precisions: the sampler's code paths are the same, its logits bf16's.
+    return DiffusionLM.from_preset("tiny", seed=0, initializer_range=0.2).to(DTYPES[request.param]).eval()
 
 
 def ids_of(lm, text: str) -> list[int]:
@@ -62,11 +65,13 @@ def scripted_text(lm, monkeypatch, prompt: str, continuation: str) -> int:
 @pytest.mark.parametrize("steps, block_length", [(16, 8), (8, 8), (16, 16), (4, 4)])
 def test_greedy_confidence_equals_llada_reference(lm, steps, block_length, frame):
     """frame "open" is LLaDA's own canvas (prompt, then masks); "closed" is the encoder's [CLS] ... [SEP]."""
-    result = generate(
-        lm, PROMPTS, max_new_tokens=16, steps=steps, block_length=block_length, stop_at_eos=False, frame=frame
-    )
-    assert result.token_ids == [llada_generate(lm, p, 16, steps, block_length, frame) for p in PROMPTS]
-    assert result.forward_passes == steps and result.finished_by == ["length"] * 3
+    options = dict(max_new_tokens=16, steps=steps, block_length=block_length, stop_at_eos=False, frame=frame)
+    results = [generate(lm, batch, **options) for batch in reference_batches(lm, PROMPTS)]
+    assert [ids for r in results for ids in r.token_ids] == [
+        llada_generate(lm, p, 16, steps, block_length, frame) for p in PROMPTS
+    ]
+    assert all(r.forward_passes == steps for r in results)
+    assert [why for r in results for why in r.finished_by] == ["length"] * 3
 
 
 def test_the_frames_differ(lm):
@@ -166,7 +171,8 @@ def test_a_row_draws_with_its_own_seed_whatever_its_company(lm, monkeypatch):
 @torch.no_grad()
 def test_a_row_in_company_moves_only_by_rounding(lm):
     """What a row's company does change: padded beside longer rows, the encoder sums in another order (and
-    so does the cached forward), so a row's logits in company are its logits alone up to rounding only."""
+    so does the cached forward), so a row's logits in company are its logits alone up to rounding only
+    (a bf16 step is coarse: tests/precisions.py states the tolerance)."""
     together = generation_canvas(lm, PROMPTS, 8)
     alone = [generation_canvas(lm, [p], 8) for p in PROMPTS]
 
@@ -180,7 +186,7 @@ def test_a_row_in_company_moves_only_by_rounding(lm):
         return cache.forward(c.ids, c.attention_mask, positions)[valid]
 
     for way in (logits, cached):
-        torch.testing.assert_close(way(together), torch.cat([way(c) for c in alone]), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(way(together), torch.cat([way(c) for c in alone]), **LOGITS_TOLERANCE[lm.dtype])
 
 
 def test_uniforms_are_uniform_and_independent():

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from at_once import at_once
 from rows_alone import compute_rows_alone
 
 from diffutron.serve import create_app, serving
@@ -245,19 +246,7 @@ def test_concurrent_requests_share_steps_and_equal_sequential(client, base, monk
     compute_rows_alone(monkeypatch)
     sequential = [run_request(client, body) for body in CONCURRENT]
     before = client.get("/health").json()
-    results: list = [None] * len(CONCURRENT)
-    start = threading.Barrier(len(CONCURRENT))
-
-    def one(i):
-        with httpx.Client(base_url=base, timeout=120) as own:
-            start.wait()
-            results[i] = run_request(own, CONCURRENT[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(CONCURRENT))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = at_once(base, CONCURRENT, run_request)
     after = client.get("/health").json()
     assert [r["text"] for r in results] == [r["text"] for r in sequential]
     # the requests shared forward passes: fewer passes than they took one at a time

@@ -47,8 +47,8 @@ def _sampling_fields() -> set[str]:
 @register_model("diffutron")
 class HarnessModel(LM):
     """Model args: pretrained (folder, adapter folder, hub id, preset:NAME, or a shipped model's name;
-    default tiny-diffutron), device, dtype (float32, bfloat16, ...), batch_size (rows per forward),
-    mc_num (Monte Carlo samples per continuation), seed, check_greedy, max_gen_toks, and the sampler's
+    default tiny-diffutron), device, dtype (auto, fp32, bf16, float32, ...: precision.py), batch_size (rows per
+    forward), mc_num (Monte Carlo samples per continuation), seed, check_greedy, max_gen_toks, and the sampler's
     settings for generate_until (steps, block_length, policy, temperature, top_k, top_p,
     repetition_penalty, threshold, cfg_scale, schedule, truncate_prompt)."""
 
@@ -101,7 +101,9 @@ class HarnessModel(LM):
         return self.lm.name.replace("/", "__")
 
     def get_model_info(self) -> dict:
-        return {"model_name": self.lm.name, "mc_num": self.mc_num, "seed": self.seed}
+        from diffutron.precision import name_of
+
+        return {"model_name": self.lm.name, "dtype": name_of(self.lm.dtype), "mc_num": self.mc_num, "seed": self.seed}
 
     # -- loglikelihood ------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -234,16 +236,12 @@ def cut_at_stops(text: str, stops: Iterable[str]) -> str:
 
 
 def load(name: str | None, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
-    """A DiffusionLM from any name diffutron loads (default: the shipped tiny-diffutron)."""
-    import torch
-
+    """A DiffusionLM from any name diffutron loads (default: the shipped tiny-diffutron), in `dtype` (auto, fp32,
+    bf16, float32, bfloat16, float16; None: bf16 on CUDA, else fp32; precision.py)."""
     from diffutron.model import DiffusionLM
 
-    torch_dtype = getattr(torch, dtype, None) if dtype else None
-    if dtype and not isinstance(torch_dtype, torch.dtype):
-        raise UsageError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     return DiffusionLM.from_pretrained(
-        name or "tiny-diffutron", device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        name or "tiny-diffutron", device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import gelu
 
+from diffutron import precision
 from diffutron.errors import DiffutronError, UsageError
 from diffutron.linear_ce import linear_cross_entropy
 from diffutron.packed_linear import PackedLinear
@@ -52,7 +53,9 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The dtype a model loads in when none is asked for: bf16 on CUDA, else fp32 (`dtype="auto"` asks
+    for the CLI's rule instead: precision.py)."""
+    return precision.resolve(None, device)
 
 
 class DiffusionLM(nn.Module):
@@ -95,18 +98,23 @@ class DiffusionLM(nn.Module):
         name_or_path: str,
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
     ) -> DiffusionLM:
         """Load a model folder, a run folder (its final/ or newest checkpoint), a peft adapter folder, a
-        shipped model by name (`tiny-diffutron`, `tiny-base`), a hub id, or build `preset:NAME` (random weights)."""
+        shipped model by name (`tiny-diffutron`, `tiny-base`), a hub id, or build `preset:NAME` (random weights).
+
+        `dtype`: a torch dtype or its name (fp32, bf16, float32, ...); None: bf16 on CUDA, else fp32;
+        "auto": bf16 on CUDA, and on a CPU bf16 only where it has bf16 matrix instructions and a quick
+        check finds it faster (precision.py), else fp32."""
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        dtype = precision.parse(dtype)  # a bad name fails before the model loads
         if name_or_path.startswith(PRESET_PREFIX):
             lm = cls.from_preset(name_or_path[len(PRESET_PREFIX) :], seed=seed)
         else:
             lm = _load_hf(cls, resolve_model(name_or_path), trust_remote_code, name=display_name(name_or_path))
+        dtype = precision.resolve(dtype, device, lm.hf_model)
         return lm.to(device=device, dtype=dtype).eval()
 
     @classmethod
@@ -172,6 +180,10 @@ class DiffusionLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def train(self, mode: bool = True) -> DiffusionLM:
         if mode:

@@ -48,6 +48,12 @@ ModelArg = typer.Argument(
 )
 JsonOpt = typer.Option(False, "--json", help="print one JSON object")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")
+DtypeOpt = typer.Option(
+    "auto",
+    "--dtype",
+    help="auto, fp32, bf16: auto is bf16 on CUDA, and on a CPU bf16 only where it has bf16 matrix instructions "
+    "(AVX512-BF16, AMX) and a quick check at load finds it faster, else fp32",
+)
 
 
 def _print_version(value: bool) -> None:
@@ -171,12 +177,22 @@ def check_fraction(value: float, option: str) -> float:
     return value
 
 
-def load_model(model: str | None, device: str | None = None):
+def load_model(model: str | None, device: str | None = None, dtype: str = "auto"):
     from diffutron.model import DiffusionLM
+    from diffutron.precision import CHOICES
 
     name = model or default_model()
+    if dtype not in CHOICES:
+        raise UsageError(f"unknown --dtype {dtype!r}: choose {', '.join(CHOICES)}")
     with err.status(f"loading {name}"):
-        return DiffusionLM.from_pretrained(name, device=device)
+        return DiffusionLM.from_pretrained(name, device=device, dtype=dtype)
+
+
+def dtype_name(lm) -> str:
+    """The precision a loaded model runs in, as --dtype names it (fp32, bf16): --json outputs say it."""
+    from diffutron.precision import name_of
+
+    return name_of(lm.dtype)
 
 
 def model_and_text(args: list[str], what: str) -> tuple[str | None, str]:

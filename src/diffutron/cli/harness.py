@@ -11,7 +11,18 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from diffutron.cli.common import DeviceOpt, JsonOpt, ModelArg, app, err, out, print_json
+from diffutron.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    app,
+    dtype_name,
+    err,
+    load_model,
+    out,
+    print_json,
+)
 from diffutron.errors import DiffutronError, UsageError
 
 # The task pack shipped in the repository (configs/eval/tasks), found from a clone or an editable install.
@@ -35,6 +46,7 @@ def lm_eval_(
     ),
     output: Path | None = typer.Option(None, "--output", help="write the harness's results JSON here (a new file)"),
     device: str | None = DeviceOpt,
+    dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Run lm-evaluation-harness tasks on a model: the ELBO for likelihoods, the sampler for generation."""
@@ -54,16 +66,18 @@ def lm_eval_(
     import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from diffutron.harness import HarnessModel, load  # without the eval extra: a one-line install hint
+    from diffutron.harness import HarnessModel  # without the eval extra: a one-line install hint
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices are not the user's business
     from lm_eval import simple_evaluate
     from lm_eval.utils import simple_parse_args_string
 
-    manager = _task_manager(folders, names)
-    with err.status(f"loading {model or 'tiny-diffutron'}"):
-        lm = load(model, device)
     extra = simple_parse_args_string(model_args)
+    for key in ("pretrained", "device", "dtype"):  # the model is loaded here: in extra they would be ignored
+        if key in extra:
+            raise UsageError(f"--model-args {key}: set it with the command's own MODEL, --device, --dtype")
+    manager = _task_manager(folders, names)
+    lm = load_model(model, device, dtype)
     harness_model = HarnessModel(lm=lm, batch_size=batch_size, mc_num=mc_num, seed=seed, **extra)
     started = time.perf_counter()
     results = simple_evaluate(
@@ -84,7 +98,9 @@ def lm_eval_(
     if output is not None:
         _write_new(output, json.dumps(results, indent=2, ensure_ascii=False, default=str))
     if as_json:
-        return print_json({"results": results["results"], "model": lm.name, "seconds": round(seconds, 1)})
+        return print_json(
+            {"results": results["results"], "model": lm.name, "dtype": dtype_name(lm), "seconds": round(seconds, 1)}
+        )
     table = Table(title=f"{lm.name}: {', '.join(names)} ({seconds:.0f} s, mc_num {mc_num})")
     for column in ("task", "metric", "value", "stderr"):
         table.add_column(column)

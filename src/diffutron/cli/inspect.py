@@ -9,11 +9,13 @@ from rich.table import Table
 
 from diffutron.cli.common import (
     DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     app,
     check_fraction,
     default_model,
+    dtype_name,
     load_model,
     model_and_text,
     out,
@@ -102,6 +104,7 @@ def eval_(
         False, "--bert-corruption", help="BERT's 80/10/10: of the chosen tokens 10%% random, 10%% kept"
     ),
     device: str | None = DeviceOpt,
+    dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Perplexity at a mask ratio (the reference metric), the ELBO bound on the generative perplexity, and
@@ -114,7 +117,7 @@ def eval_(
     first = next(documents, None)  # a missing, unreadable or empty source fails before the model loads
     if first is None:
         raise DiffutronError(f"{data}: contains no text")
-    lm = load_model(model, device)
+    lm = load_model(model, device, dtype)
     with progress(f"eval {data}", unit="windows") as update:
         result = evaluate(
             lm,
@@ -127,7 +130,7 @@ def eval_(
             bert_corruption=bert_corruption,
             progress=update,
         )
-    payload = {"model": lm.name, "data": data, **result.to_dict()}
+    payload = {"model": lm.name, "dtype": dtype_name(lm), "data": data, **result.to_dict()}
     if as_json:
         return print_json(payload)
     table = Table(title=f"{lm.name} on {data}", show_header=False)
@@ -165,6 +168,7 @@ def fill_mask_(
     ),
     beam: int = typer.Option(8, "--beam", min=1, help="<word>: the chains kept per length in the search"),
     device: str | None = DeviceOpt,
+    dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Top-k candidates, with probabilities, for every <mask> in TEXT; whole words, of any length up to
@@ -173,12 +177,13 @@ def fill_mask_(
     from diffutron.word_fill import WordCandidates
 
     model, text = model_and_text(args, "fill-mask")
-    lm = load_model(model, device)
+    lm = load_model(model, device, dtype)
     found = fill_mask(lm, text, top_k=top_k, max_tokens=max_tokens, beam=beam)
     masks = [m for m in found if not isinstance(m, WordCandidates)]
     words = [w for w in found if isinstance(w, WordCandidates)]
     if as_json:
-        payload = {"model": lm.name, "text": text, "masks": [[c.to_dict() for c in m] for m in masks]}
+        payload = {"model": lm.name, "dtype": dtype_name(lm), "text": text}
+        payload["masks"] = [[c.to_dict() for c in m] for m in masks]
         if words:
             payload["words"] = [[c.to_dict() for c in w] for w in words]
         return print_json(payload)

@@ -14,7 +14,18 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from diffutron.cli.common import DEFAULT_MODEL, DeviceOpt, JsonOpt, app, err, load_model, out, print_json
+from diffutron.cli.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    app,
+    dtype_name,
+    err,
+    load_model,
+    out,
+    print_json,
+)
 from diffutron.errors import UsageError
 from diffutron.sampling.config import CACHES, FRAMES, MAX_NEW_TOKENS, POLICIES, USER_DEFAULTS, SamplingConfig
 
@@ -77,9 +88,9 @@ def _live_view(lm, row: int = 0):
     return live, render
 
 
-def _sample(model: str | None, device: str | None, live: bool | None, as_json: bool, run):
+def _sample(model: str | None, device: str | None, dtype: str, live: bool | None, as_json: bool, run):
     """Load the model, then run(lm, callback) with a live view of row 0 when wanted."""
-    lm = load_model(model, device)
+    lm = load_model(model, device, dtype)
     if live is None:
         live = err.is_terminal and not as_json
     if not live:
@@ -171,6 +182,7 @@ def generate_(
     seed: int | None = GENERATE["seed"],
     live: bool | None = LiveOpt,
     device: str | None = DeviceOpt,
+    dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Continue PROMPT(s) by discrete diffusion: start from masks, reveal tokens step by step."""
@@ -191,7 +203,12 @@ def generate_(
     if not as_json:
         _note_if_english(model, prompts)
     lm, result = _sample(
-        model, device, live, as_json, lambda lm, callback: generate(lm, rows, max_new_tokens, config, callback=callback)
+        model,
+        device,
+        dtype,
+        live,
+        as_json,
+        lambda lm, callback: generate(lm, rows, max_new_tokens, config, callback=callback),
     )
     if as_json:
         results = [
@@ -200,7 +217,7 @@ def generate_(
                 zip(rows, result.texts, result.token_ids, result.finished_by, result.row_passes, strict=True)
             )
         ]
-        return print_json({"model": lm.name, "results": results, **_figures(result)})
+        return print_json({"model": lm.name, "dtype": dtype_name(lm), "results": results, **_figures(result)})
     _write_texts(result.texts, rows, full)
     _summary(result)
 
@@ -234,6 +251,7 @@ def infill_(
     seed: int | None = INFILL["seed"],
     live: bool | None = LiveOpt,
     device: str | None = DeviceOpt,
+    dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Fill every <mask> of TEXT jointly, keeping every given token. A span of unknown length (<mask*?>:
@@ -245,12 +263,12 @@ def infill_(
     model, text = (None, args[0]) if len(args) == 1 else (args[0], args[1])
     config = user_config("infill", **_settings(locals()))
     lm, result = _sample(
-        model, device, live, as_json, lambda lm, callback: infill(lm, [text], config, callback=callback)
+        model, device, dtype, live, as_json, lambda lm, callback: infill(lm, [text], config, callback=callback)
     )
     if as_json:
         row = {"text": result.texts[0], "tokens": result.token_ids[0], "finished_by": result.finished_by[0]}
         if result.lengths and result.lengths[0] is not None:
             row["lengths"] = result.lengths[0]  # every length tried, with its score
-        return print_json({"model": lm.name, "input": text, **row, **_figures(result)})
+        return print_json({"model": lm.name, "dtype": dtype_name(lm), "input": text, **row, **_figures(result)})
     _write_texts(result.texts, None, full=False)
     _summary(result)

@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from diffutron.cli.common import DeviceOpt, ModelArg, app, err, load_model
+from diffutron.cli.common import DeviceOpt, DtypeOpt, ModelArg, app, dtype_name, err, load_model
 from diffutron.errors import DiffutronError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -32,6 +32,7 @@ def serve(
         None, "--served-model-name", help="the model's id in the API [default: its name; a local folder's own name]"
     ),
     device: str | None = DeviceOpt,
+    dtype: str = DtypeOpt,
 ) -> None:
     """Serve MODEL over HTTP: OpenAI-compatible completions and chat with the denoising streamed,
     infill, fill-mask and likelihood scoring, concurrent requests batched step by step; a web page at /."""
@@ -47,7 +48,7 @@ def serve(
     extra_hosts = [name.strip().lower() for name in (allowed_hosts or "").split(",") if name.strip()]
     sock = bind(host, port)  # before the model loads: a port in use fails at once
     hosts = trusted_hosts(sock.getsockname()[0], extra_hosts)
-    lm = load_model(model, device)
+    lm = load_model(model, device, dtype)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     served = logging.getLogger("diffutron.serve")
@@ -58,7 +59,10 @@ def serve(
             f"[yellow]warning: listening on {host} without --api-key: anyone who can reach it can use it[/]",
             soft_wrap=True,
         )
-    err.print(f"serving {lm.name} at {url(sock)}  (web page at /, OpenAI API at /v1; Ctrl-C stops)", soft_wrap=True)
+    err.print(
+        f"serving {lm.name} ({dtype_name(lm)}) at {url(sock)}  (web page at /, OpenAI API at /v1; Ctrl-C stops)",
+        soft_wrap=True,
+    )
     app = create_app(
         lm,
         api_key=api_key,

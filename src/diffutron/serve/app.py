@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from diffutron.errors import DiffutronError, UsageError
+from diffutron.precision import name_of
 from diffutron.serve import schemas
 from diffutron.serve.engine import Engine, EngineError, Finished, Job, Prepared, QueueFull, Unavailable
 from diffutron.serve.responses import DONE, CompletionFormatter, Formatter, InfillFormatter, error_body, sse
@@ -62,6 +63,7 @@ def create_app(
     id it serves the model under [default: `served_name(lm.name)`]."""
     engine = Engine(lm, max_batch=max_batch, max_queue=max_queue)
     model_id = model_name or served_name(lm.name)
+    dtype = name_of(lm.dtype)  # the precision it runs in (/health): fp32, bf16
     created = int(time.time())
     max_text_chars = lm.context_length * schemas.longest_token_chars(lm.tokenizer)
 
@@ -121,7 +123,11 @@ def create_app(
         """Up or down for anyone; the model and the engine's counters only with the key (when one is set).
         Not "ok" ("stopping" / "failed") is a 503, so that a supervisor or balancer moves on."""
         state = engine.state
-        body = {"status": state, "model": model_id, **engine.status()} if authorized(request) else {"status": state}
+        body = (
+            {"status": state, "model": model_id, "dtype": dtype, **engine.status()}
+            if authorized(request)
+            else {"status": state}
+        )
         return JSONResponse(body, status_code=200 if state == "ok" else 503)
 
     def model_card() -> dict:
