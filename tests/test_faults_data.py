@@ -58,9 +58,10 @@ def _phase(out: Path) -> str:
     return "starting (no part yet)"
 
 
-def _run_until_killed(recipe, out, delay, own_group, after_first_shard=False):
-    """prepare() in a forked process, SIGKILLed `delay` seconds after it starts (or after its first
-    balanced shard appears: the short last phase, hard to hit by time alone); whether it finished first."""
+def _run_until_killed(recipe, out, kill_when, own_group):
+    """prepare() in a forked process, SIGKILLed as soon as `kill_when(out, seconds_since_start)` holds;
+    whether it finished first. Kills are aimed at what is on disk, not at a guess of how long each phase
+    lasts: on a loaded machine a time-only delay lands in the start-up phase or after the end."""
 
     def target():
         if own_group:  # its worker processes die with it, as on a crashed node
@@ -68,15 +69,33 @@ def _run_until_killed(recipe, out, delay, own_group, after_first_shard=False):
         prepare(recipe, out)
 
     child = multiprocessing.get_context("fork").Process(target=target)
+    start = time.monotonic()
     child.start()
-    while after_first_shard and child.is_alive() and not (out / "data-00000.arrow").exists():
+    while child.is_alive() and not kill_when(out, time.monotonic() - start):
         time.sleep(0.001)
-    child.join(delay)
-    finished = child.exitcode == 0
-    if child.exitcode is None:
+    if child.is_alive():
         os.killpg(child.pid, signal.SIGKILL) if own_group else os.kill(child.pid, signal.SIGKILL)
-        child.join()
-    return finished
+    child.join()
+    return child.exitcode == 0
+
+
+def _after_new_files(pattern: str, count: int, then: float):
+    """Kill `then` seconds after `count` files matching `pattern` appeared that were not there before."""
+    seen: dict = {}
+
+    def kill_when(out: Path, _elapsed: float) -> bool:
+        present = set(out.glob(pattern))
+        if "before" not in seen:
+            seen["before"] = present
+        if "at" not in seen and len(present - seen["before"]) >= count:
+            seen["at"] = time.monotonic()
+        return "at" in seen and time.monotonic() - seen["at"] >= then
+
+    return kill_when
+
+
+def _after_seconds(delay: float):
+    return lambda _out, elapsed: elapsed >= delay
 
 
 def test_kill_9_at_random_points_then_a_rerun_equals_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -90,16 +109,16 @@ def test_kill_9_at_random_points_then_a_rerun_equals_the_uninterrupted_run(tmp_p
     for iteration in range(ITERATIONS):
         num_proc = 2 if iteration % 4 == 3 else 1
         out = tmp_path / f"run-{iteration}"
-        delay = rng.uniform(0, 1.2 * seconds) + (4 if num_proc > 1 else 0)  # + the workers' start
-        late = iteration % 3 == 2
-        if late:
-            delay = rng.uniform(0, 0.05)
+        if iteration % 3 == 2:  # the short last phase, hard to hit by time alone
+            kill_when = _after_new_files("data-*.arrow", rng.randint(1, 3), rng.uniform(0, 0.02))
+        else:
+            kill_when = _after_new_files("parts/*.arrow", rng.randint(1, 3), rng.uniform(0, 0.05))
         for _ in range(1 + (iteration % 2)):  # every other iteration is killed twice before the rerun
-            finished = _run_until_killed(_recipe(num_proc), out, delay, num_proc > 1, after_first_shard=late)
+            finished = _run_until_killed(_recipe(num_proc), out, kill_when, num_proc > 1)
             outcomes["finished before the kill" if finished else f"killed {_phase(out)}"] += 1
-            delay = rng.uniform(0, seconds)
+            kill_when = _after_seconds(rng.uniform(0, seconds))  # the second kill: anywhere, start-up too
         prepare(_recipe(), out)
-        assert _folder(out) == reference, f"iteration {iteration} (kill after {delay:.2f} s)"
+        assert _folder(out) == reference, f"iteration {iteration}"
     print(f"\nkill -9 faults: {ITERATIONS} runs resumed to the uninterrupted result after {dict(outcomes)}")
     mid_run = outcomes["killed streaming (parts written)"] + outcomes["killed cutting balanced shards"]
     assert mid_run >= math.ceil(sum(outcomes.values()) / 2), dict(outcomes)
