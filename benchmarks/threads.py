@@ -1,6 +1,7 @@
 """CPU threads on a shared machine: torch's defaults against diffutron's, quiet and beside a busy process.
 
     python benchmarks/threads.py [--json] [--repeats 3] [--busy 1] [--settings "torch default,diffutron"]
+        [--workloads generate,eval]
 
 Each workload runs as a fresh `diffutron` process (the thread pool is set when torch starts) and
 reports its own compute time: `generate` (the shipped tiny model, 64 tokens, the sampler's seconds)
@@ -56,7 +57,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", type=int, default=1, help="spinning processes in the busy scenario")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="a comma-separated subset of the settings")
+    parser.add_argument("--workloads", default="generate,eval", help="a comma-separated subset of generate, eval")
     args = parser.parse_args()
+    if unknown := set(args.workloads.split(",")) - {"generate", "eval"}:
+        parser.error(f"unknown workloads {sorted(unknown)}: choose from generate, eval")
     if unknown := set(args.settings.split(",")) - SETTINGS.keys():
         parser.error(f"unknown settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
     say = lambda line: print(line, file=sys.stderr if args.json else sys.stdout)  # noqa: E731
@@ -78,6 +82,8 @@ def main() -> None:
             ]
             try:
                 for name, command in workloads(str(data)).items():
+                    if name not in args.workloads.split(","):
+                        continue
                     for setting, env in chosen.items():
                         times = [seconds(command, env) for _ in range(args.repeats)]
                         results.setdefault(name, {}).setdefault(setting, {})[scenario] = statistics.median(times)

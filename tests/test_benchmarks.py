@@ -33,7 +33,7 @@ CASES = {
     "train_step": ("--preset tiny --batch 1 --length 64 --repeats 1", []),
     "harness_throughput": ("--preset tiny --questions 2 --mc-num 2 --repeats 1", []),
     "train_precision": ("--steps 3 --warmup 1 --rounds 1 --batch-size 2", []),
-    "threads": ("--repeats 1 --settings diffutron", ["results"]),
+    "threads": ("--repeats 1 --settings diffutron --workloads generate", ["results"]),
     "serve_load": (
         "--clients 2 --max-tokens 8 --rounds 1 --time-limit 120",
         ["speedup", "identical", "sequential_forward_passes", "concurrent_forward_passes"],

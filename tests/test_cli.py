@@ -66,15 +66,6 @@ def test_fill_mask_json_with_and_without_model(capsys):
     assert code == 0 and len(last_json(out)["masks"]) == 2
 
 
-def test_demo_json(capsys, tmp_path):
-    code, out, _ = run(capsys, "demo", "--steps", "6", "--out", str(tmp_path / "demo"), "--json")
-    result = last_json(out)
-    assert code == 0 and result["ppl_before"] > 1 and result["ppl_after"] > 1 and len(result["samples"]) == 3
-    for name in ("report.md", "metrics.jsonl", "curves.png", "final"):
-        assert (tmp_path / "demo" / name).exists()
-    assert "PPL @ 15% masked" in (tmp_path / "demo" / "report.md").read_text()
-
-
 @pytest.mark.parametrize(
     "argv, code, message",
     [

@@ -11,7 +11,11 @@ import torch
 from diffutron.plots import smooth
 
 
-def test_demo_twice(tmp_path):
+def test_demo_twice(tmp_path, capsys):
+    """Run once from Python, then again from the command line with --json: the second reuses the first
+    (one demo's training for both the library's and the command's checks)."""
+    from cli_run import last_json, run
+
     from diffutron.demo import run_demo
 
     out = tmp_path / "demo"
@@ -24,13 +28,18 @@ def test_demo_twice(tmp_path):
     assert evals[0]["eval_tokens"] == evals[1]["eval_tokens"] == _heldout_tokens()
     frames = first["denoising"]
     assert "░" in frames[0] and "░" not in frames[-1] and frames[-1].startswith("Türkiye Cumhuriyeti")
-    assert not first["reused"]
+    assert not first["reused"] and len(first["samples"]) == 3
+    for name in ("report.md", "metrics.jsonl", "curves.png", "final"):
+        assert (out / name).exists()
+    assert "PPL @ 15% masked" in (out / "report.md").read_text()
 
-    second = run_demo(out, max_steps=1)
-    assert second["reused"] and second["train_seconds"] == first["train_seconds"]
-    assert second["ppl_after"] == first["ppl_after"]
+    code, stdout, _ = run(capsys, "demo", "--steps", "1", "--out", str(out), "--json")
+    second = last_json(stdout)
+    assert code == 0 and second["reused"] and len(second["samples"]) == 3
+    assert second["train_seconds"] == first["train_seconds"]  # final/'s, not the last checkpoint's
+    assert second["ppl_before"] == first["ppl_before"] and second["ppl_after"] == first["ppl_after"]
     report = (out / "report.md").read_text()
-    assert "reused" in report and f"trained in {first['train_seconds']:.0f} s" in report
+    assert "reused" in report and f"trained in {first['train_seconds']:.0f} s" in report  # not the save's time
 
 
 def _heldout_tokens() -> int:

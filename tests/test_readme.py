@@ -46,7 +46,7 @@ README_SERVER = "http://127.0.0.1:8000"
 SHORTER = {  # command -> what is appended (the same code paths, less of the data)
     "train": ["--max-steps", "3", "--set", "data.eval_documents=4"],
     "lm-eval": ["--limit", "5"],
-    "eval": ["--elbo-samples", "2"],
+    "eval": ["--elbo-samples", "2", "--samples", "1"],
 }
 
 

@@ -186,6 +186,7 @@ def demo(
                 "elbo_ppl_before": result["elbo_ppl_before"],
                 "elbo_ppl_after": result["elbo_ppl_after"],
                 "reused": result["reused"],
+                "train_seconds": result["train_seconds"],
             }
         )
     if result["reused"]:
