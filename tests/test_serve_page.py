@@ -122,3 +122,20 @@ def test_page_generates_live_in_chromium(base, browser):
     rows = browser.find_elements(By.CSS_SELECTOR, "#words_table tr")[1:]
     assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == [c["text"] for c in expected["candidates"]]
     assert not browser.find_elements(By.ID, "masks_table")
+
+    # infill with a span of unknown length: the page asks without a stream (the server refuses one: the
+    # lengths are scored once all are filled) and shows the chosen text and every length's score
+    Select(browser.find_element(By.ID, "mode")).select_by_value("infill")
+    text = "Türkiye Büyük Millet <mask*?> Ankara'da toplandı."
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, "run").click()
+    assert wait_until_done(browser, "Bitti") == "Bitti", browser.find_element(By.ID, "status").text
+    expected = httpx.post(base + "/v1/infill", json={"text": text}, timeout=120).json()["choices"][0]
+    assert browser.find_element(By.ID, "output").get_attribute("data-text") == expected["text"]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#lengths_table tr")[1:]
+    lengths = [
+        [int(r.find_elements(By.TAG_NAME, "td")[0].text), r.find_elements(By.TAG_NAME, "td")[2].text] for r in rows
+    ]
+    assert lengths == [[e["length"], e["text"]] for e in expected["lengths"]] and len(lengths) > 1
