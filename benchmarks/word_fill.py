@@ -16,6 +16,8 @@ the rarest lengths drawn first, no sentence twice). A word is letters and digits
                          `length_confusion` counts chosen lengths per true length
   time_ratio             over the first --timed words, alternating: the time of a word blank with K = 4
                          lengths and beam 8 over that of infill(`<mask*N>`) at the true length N (sum/sum)
+  time_ratio_search_only the same for the beam search alone (context 0: no scoring pass), the floor of
+                         any score computed on top of that search
 Each accuracy also per token length. The last line of --json is one JSON object.
 """
 
@@ -163,10 +165,12 @@ def main() -> None:
         fn()
         return time.perf_counter() - begun
 
-    word_seconds, mask_seconds = [], []
+    word_seconds, search_seconds, mask_seconds = [], [], []
     for item in items[:: max(1, len(items) // args.timed)][: args.timed]:
         text = blanked(item, "<word>")
         word_seconds.append(timed(lambda text=text: fill_words(lm, text, top_k=5, max_tokens=4, beam=8)))
+        # the beam search alone (no context terms: no scoring pass): the floor of any score on top of it
+        search_seconds.append(timed(lambda text=text: fill_words(lm, text, max_tokens=4, beam=8, context=0)))
         span = blanked(item, f"<mask*{item['length']}>")
         mask_seconds.append(timed(lambda span=span: infill(lm, span, config)))
 
@@ -195,6 +199,8 @@ def main() -> None:
         "word_seconds": round(sum(word_seconds), 3),
         "mask_seconds": round(sum(mask_seconds), 3),
         "time_ratio": round(sum(word_seconds) / sum(mask_seconds), 3),
+        "search_seconds": round(sum(search_seconds), 3),
+        "time_ratio_search_only": round(sum(search_seconds) / sum(mask_seconds), 3),
     }
     report["word_vs_oracle_top5"] = round(report["top5_word"]["all"] / max(report["top5_oracle"]["all"], 1e-9), 4)
     if not args.json:
@@ -204,6 +210,7 @@ def main() -> None:
         print(f"length_confusion (true -> chosen) {report['length_confusion']}")
         print(f"<word> / oracle top-5: {report['word_vs_oracle_top5']}")
         print(f"time_ratio {report['time_ratio']} ({report['word_seconds']} s vs {report['mask_seconds']} s)")
+        print(f"  the beam search alone: {report['time_ratio_search_only']} ({report['search_seconds']} s)")
     print(json.dumps(report, ensure_ascii=False))
 
 

@@ -46,7 +46,15 @@ CASES = {
     "task_pack_paired": ("--mc-num 1 --limit 8", []),
     "word_fill": (
         "--words 8 --timed 2",
-        ["top1_word", "top5_word", "top5_oracle", "top5_pipeline", "length_accuracy", "time_ratio"],
+        [
+            "top1_word",
+            "top5_word",
+            "top5_oracle",
+            "top5_pipeline",
+            "length_accuracy",
+            "time_ratio",
+            "time_ratio_search_only",
+        ],
     ),
     "checkpoint_size": ("--preset tiny", ["whole_checkpoint_mb", "trained_only_checkpoint_mb", "ratio"]),
     "cpu_precision": (
