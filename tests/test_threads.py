@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -84,9 +85,14 @@ def _plain_torch_threads(env: dict) -> str:
 
 
 def test_the_cli_sets_threads_before_torch_starts():
+    with ThreadPoolExecutor(max_workers=4) as pool:  # four fresh interpreters, side by side
+        flag_1 = pool.submit(_torch_threads, {}, "--threads", "1")
+        env_1 = pool.submit(_torch_threads, {"OMP_NUM_THREADS": "1"})
+        flag_3 = pool.submit(_torch_threads, {}, "--threads", "3")
+        plain_3 = pool.submit(_plain_torch_threads, {"OMP_NUM_THREADS": "3"})
     # 1: not torch's default on a machine of 2 or more cores (a count equal to the default proves nothing)
-    assert _torch_threads({}, "--threads", "1") == "1"
-    assert _torch_threads({"OMP_NUM_THREADS": "1"}) == "1"  # the user's own setting stands
+    assert flag_1.result() == "1"
+    assert env_1.result() == "1"  # the user's own setting stands
     # 3: what torch makes of OMP_NUM_THREADS=3 set before it starts (torch 2.13 caps it at the machine's
     # CPUs: 2 on a 2-core machine)
-    assert _torch_threads({}, "--threads", "3") == _plain_torch_threads({"OMP_NUM_THREADS": "3"}).strip()
+    assert flag_3.result() == plain_3.result().strip()

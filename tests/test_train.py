@@ -167,18 +167,13 @@ def test_sigkill_and_resume_equals_uninterrupted(killed_and_resumed):
     assert sorted(p.name for p in (root / "killed").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
-def test_export_and_reload_give_identical_logits(killed_and_resumed, tmp_path):
+def test_export_and_reload_give_identical_logits(killed_and_resumed, tmp_path, capsys):
+    from cli_run import last_json, run
     from transformers import AutoModelForMaskedLM
 
     root, _ = killed_and_resumed
-    subprocess.run(
-        CLI + ["export", str(root / "straight"), "--out", str(tmp_path / "merged"), "--merge-lora"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        CLI + ["export", str(root / "straight"), "--out", str(tmp_path / "adapter")], check=True, capture_output=True
-    )
+    assert run(capsys, "export", str(root / "straight"), "--out", str(tmp_path / "merged"), "--merge-lora")[0] == 0
+    assert run(capsys, "export", str(root / "straight"), "--out", str(tmp_path / "adapter"))[0] == 0
     adapter = DiffusionLM.from_pretrained(str(tmp_path / "adapter"), device="cpu")
     merged = DiffusionLM.from_pretrained(str(tmp_path / "merged"), device="cpu")
     plain = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "merged")).eval()
@@ -188,13 +183,8 @@ def test_export_and_reload_give_identical_logits(killed_and_resumed, tmp_path):
         torch.testing.assert_close(merged.full_logits(ids), reference, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(plain(input_ids=ids).logits, reference, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "merged" / "model.safetensors").is_file()
-    done = subprocess.run(
-        CLI + ["fill-mask", str(tmp_path / "adapter"), "Ankara <mask>.", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(done.stdout)["masks"]
+    code, out, _ = run(capsys, "fill-mask", str(tmp_path / "adapter"), "Ankara <mask>.", "--json")
+    assert code == 0 and last_json(out)["masks"]
 
 
 def _free_port() -> int:
