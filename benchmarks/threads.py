@@ -36,6 +36,9 @@ SETTINGS = {
 }
 
 
+WORKLOADS = ("generate", "eval")
+
+
 def workloads(data: str) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "diffutron"]
     return {
@@ -57,10 +60,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", type=int, default=1, help="spinning processes in the busy scenario")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="a comma-separated subset of the settings")
-    parser.add_argument("--workloads", default="generate,eval", help="a comma-separated subset of generate, eval")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="a comma-separated subset of the workloads")
     args = parser.parse_args()
-    if unknown := set(args.workloads.split(",")) - {"generate", "eval"}:
-        parser.error(f"unknown workloads {sorted(unknown)}: choose from generate, eval")
+    if unknown := set(args.workloads.split(",")) - set(WORKLOADS):
+        parser.error(f"unknown workloads {sorted(unknown)}: choose from {', '.join(WORKLOADS)}")
     if unknown := set(args.settings.split(",")) - SETTINGS.keys():
         parser.error(f"unknown settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
     say = lambda line: print(line, file=sys.stderr if args.json else sys.stdout)  # noqa: E731
@@ -75,15 +78,15 @@ def main() -> None:
         documents = itertools.islice(bundled_documents("heldout"), 16)
         data.write_text("\n\n".join(d.text for d in documents), encoding="utf-8")
         results: dict = {}
+        commands, chosen_workloads = workloads(str(data)), args.workloads.split(",")
         for scenario in ("quiet", "busy"):
             spinners = [
                 subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 for _ in range(args.busy if scenario == "busy" else 0)
             ]
             try:
-                for name, command in workloads(str(data)).items():
-                    if name not in args.workloads.split(","):
-                        continue
+                for name in chosen_workloads:
+                    command = commands[name]
                     for setting, env in chosen.items():
                         times = [seconds(command, env) for _ in range(args.repeats)]
                         results.setdefault(name, {}).setdefault(setting, {})[scenario] = statistics.median(times)

@@ -80,8 +80,7 @@ def _run(script: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(request):
     """Every selected script started up front, two at a time: most of a smoke run is one process
-    importing torch and transformers, so two side by side take 0.7x the wall time of one after the
-    other on 2 cores (272 s -> 189 s, measured)."""
+    importing torch and transformers (one core), so two side by side keep both cores busy."""
     selected = [
         item.callspec.params["script"]
         for item in request.session.items

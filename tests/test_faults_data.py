@@ -81,15 +81,16 @@ def _run_until_killed(recipe, out, kill_when, own_group):
 
 def _after_new_files(pattern: str, count: int, then: float):
     """Kill `then` seconds after `count` files matching `pattern` appeared that were not there before."""
-    seen: dict = {}
+    before: set | None = None
+    appeared_at: float | None = None
 
     def kill_when(out: Path, _elapsed: float) -> bool:
+        nonlocal before, appeared_at
         present = set(out.glob(pattern))
-        if "before" not in seen:
-            seen["before"] = present
-        if "at" not in seen and len(present - seen["before"]) >= count:
-            seen["at"] = time.monotonic()
-        return "at" in seen and time.monotonic() - seen["at"] >= then
+        before = present if before is None else before
+        if appeared_at is None and len(present - before) >= count:
+            appeared_at = time.monotonic()
+        return appeared_at is not None and time.monotonic() - appeared_at >= then
 
     return kill_when
 
